@@ -1,0 +1,1 @@
+"""Recipes shipped with jaxquant (installed as the package data of ``jaxquant.recipes``)."""

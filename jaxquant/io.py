@@ -1,0 +1,215 @@
+"""Checkpoints: quantized pytrees as safetensors files with a self-describing header.
+
+Every tensor is stored in its own dtype (int8, packed uint8 for 4-bit formats, FP8, bf16,
+float32), so the file is as large as the theory says plus a small JSON header. The header's
+``__metadata__["jaxquant"]`` entry records, per leaf, its tree path, the spec string, logical
+shape and dtype, and the library version. Writes go to a temporary file in the same folder
+that is renamed into place, so a crash never leaves a half-written checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import safetensors
+from safetensors import TensorSpec
+
+from jaxquant._version import __version__
+from jaxquant.qarray import QArray
+from jaxquant.spec import QuantSpec
+
+FORMAT_NAME = "jaxquant"
+FORMAT_VERSION = 1
+DEFAULT_FILENAME = "model.safetensors"
+
+_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+    "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8,
+    "U64": np.uint64, "U32": np.uint32, "U16": np.uint16, "U8": np.uint8, "BOOL": np.bool_,
+}  # fmt: skip
+_CHILDREN = ("values", "scale", "zero_point")
+
+
+def _resolve(path: str | os.PathLike) -> Path:
+  path = Path(path)
+  return path / DEFAULT_FILENAME if path.is_dir() else path
+
+
+def _encode_key(key) -> list:
+  if isinstance(key, jax.tree_util.SequenceKey):
+    return ["seq", key.idx]
+  if isinstance(key, jax.tree_util.DictKey):
+    return ["dict", key.key if isinstance(key.key, int) else str(key.key)]
+  if isinstance(key, jax.tree_util.GetAttrKey):
+    return ["dict", key.name]
+  return ["dict", str(getattr(key, "key", key))]
+
+
+def _flat_leaves(tree) -> list[tuple[list, Any]]:
+  if hasattr(tree, "to_pure_dict"):  # nnx.State
+    tree = tree.to_pure_dict()
+  flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: isinstance(x, QArray))
+  return [([_encode_key(k) for k in kp], leaf) for kp, leaf in flat]
+
+
+def _as_numpy(x, path: str) -> np.ndarray:
+  try:
+    arr = np.asarray(jax.device_get(x))
+  except Exception as e:  # noqa: BLE001
+    raise TypeError(f"{path}: cannot store a {type(x).__name__} in a checkpoint ({e}).") from None
+  if arr.dtype == object or arr.dtype.kind in "USV":
+    raise TypeError(
+        f"{path}: cannot store a {type(x).__name__} in a checkpoint; leaves must be arrays or "
+        "QArrays. Remove it from the tree before saving."
+    )
+  return np.ascontiguousarray(arr)
+
+
+def save(path: str | os.PathLike, tree) -> Path:
+  """Writes `tree` (arrays and QArrays in dicts/lists, or NNX State) atomically; returns the file.
+
+  `path` is a file, or an existing folder (the file is then ``model.safetensors`` in it).
+  Everything is validated and converted before the first byte is written.
+  """
+  target = _resolve(path)
+  arrays: dict[str, np.ndarray] = {}
+  entries: list[dict] = []
+  for keys, leaf in _flat_leaves(tree):
+    name = "/".join(str(k[1]) for k in keys)
+    if name in arrays or any(name == e["name"] for e in entries):
+      raise ValueError(f"{name}: two leaves share this path; rename one before saving.")
+    if isinstance(leaf, QArray):
+      entry = {
+          "name": name, "keys": keys, "kind": "qarray", "spec": str(leaf.spec),
+          "shape": list(leaf.shape), "dtype": np.dtype(leaf.dtype).name, "packed": leaf.packed,
+          "children": [],
+      }  # fmt: skip
+      for child in _CHILDREN:
+        value = getattr(leaf, child)
+        if value is not None:
+          arrays[f"{name}#{child}"] = _as_numpy(value, f"{name} ({child})")
+          entry["children"].append(child)
+    else:
+      arrays[name] = _as_numpy(leaf, name)
+      entry = {"name": name, "keys": keys, "kind": "array"}
+    entries.append(entry)
+  header = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "version": __version__,
+            "leaves": entries}
+  specs = {
+      k: TensorSpec(dtype=a.dtype.name, shape=a.shape, data_ptr=a.ctypes.data, data_len=a.nbytes)
+      for k, a in arrays.items()
+  }
+  target.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+  os.close(fd)
+  try:
+    safetensors.serialize_file(specs, tmp, metadata={FORMAT_NAME: json.dumps(header)})
+    with open(tmp, "rb") as f:
+      os.fsync(f.fileno())
+    os.replace(tmp, target)
+  except BaseException:
+    Path(tmp).unlink(missing_ok=True)
+    raise
+  return target
+
+
+def read_header(path: str | os.PathLike) -> dict:
+  """The safetensors JSON header of `path` (raises ValueError if it is not safetensors)."""
+  path = _resolve(path)
+  with open(path, "rb") as f:
+    head = f.read(8)
+    if len(head) < 8:
+      raise ValueError(f"{path} is truncated or not a safetensors file (only {len(head)} bytes).")
+    n = int.from_bytes(head, "little")
+    size = os.fstat(f.fileno()).st_size
+    if n > size - 8:
+      raise ValueError(
+          f"{path} is truncated or not a safetensors file: its header claims {n} bytes but the "
+          f"file has {size}. Re-create it with jaxquant.save."
+      )
+    try:
+      return json.loads(f.read(n))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+      raise ValueError(f"{path} is not a safetensors file (unreadable header).") from None
+
+
+def _jaxquant_header(path: Path) -> dict:
+  meta = read_header(path).get("__metadata__") or {}
+  if FORMAT_NAME not in meta:
+    raise ValueError(
+        f"{path} is a safetensors file but not a jaxquant checkpoint (no '{FORMAT_NAME}' "
+        "header). Read plain tensors with safetensors.numpy.load_file, or quantize it with "
+        f"`jaxquant quantize --model {path} ...`."
+    )
+  header = json.loads(meta[FORMAT_NAME])
+  if header.get("format_version", 0) > FORMAT_VERSION:
+    raise ValueError(
+        f"{path} was written by jaxquant {header.get('version')} in checkpoint format "
+        f"{header['format_version']}; this jaxquant ({__version__}) reads format "
+        f"{FORMAT_VERSION}. Upgrade jaxquant."
+    )
+  return header
+
+
+def load(path: str | os.PathLike):
+  """Reads a checkpoint written by `save`: nested dicts (lists where saved) of jax arrays and
+  QArrays. NNX users restore a model with ``nnx.replace_by_pure_dict(state, load(path))``."""
+  path = _resolve(path)
+  header = _jaxquant_header(path)
+  try:
+    raw = dict(safetensors.deserialize(path.read_bytes()))
+  except safetensors.SafetensorError as e:
+    raise ValueError(f"{path} is truncated or corrupt ({e}); re-create it with jaxquant.save.")
+  tensors = {
+      name: np.frombuffer(bytes(t["data"]), _DTYPES[t["dtype"]]).reshape(t["shape"])
+      for name, t in raw.items()
+  }
+  leaves = []
+  for entry in header["leaves"]:
+    name = entry["name"]
+    try:
+      if entry["kind"] == "array":
+        leaf = jnp.asarray(tensors[name])
+      else:
+        children = {c: jnp.asarray(tensors[f"{name}#{c}"]) for c in entry["children"]}
+        leaf = QArray(
+            children.get("values"), children.get("scale"), children.get("zero_point"),
+            QuantSpec.parse(entry["spec"]), tuple(entry["shape"]), np.dtype(entry["dtype"]),
+            bool(entry["packed"]),
+        )  # fmt: skip
+    except KeyError as e:
+      raise ValueError(f"{path}: tensor {e} listed in the header is missing; file is corrupt.")
+    leaves.append((entry["keys"], leaf))
+  return _unflatten(leaves)
+
+
+def _unflatten(leaves: list[tuple[list, Any]]):
+  root: dict = {}
+  for keys, leaf in leaves:
+    if not keys:
+      return leaf
+    node = root
+    for _, k in keys[:-1]:
+      node = node.setdefault(k, {})
+    node[keys[-1][1]] = leaf
+  seq_paths = {tuple(k[1] for k in keys[:i]) for keys, _ in leaves
+               for i, k in enumerate(keys) if k[0] == "seq"}
+  return _lists_where_saved(root, (), seq_paths)
+
+
+def _lists_where_saved(node, prefix: tuple, seq_paths: set):
+  if not isinstance(node, dict):
+    return node
+  children = {k: _lists_where_saved(v, prefix + (k,), seq_paths) for k, v in node.items()}
+  if prefix in seq_paths:
+    return [children[i] for i in sorted(children)]
+  return children

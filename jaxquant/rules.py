@@ -1,0 +1,148 @@
+"""Rules: which parameters get which spec, by regex over their '/'-joined paths.
+
+A rule list is ordered and the first rule whose pattern matches a path (``re.search``) decides
+that parameter: its `weight` spec quantizes the parameter (None keeps it in float), its `act`
+spec is what the Flax adapters use for the activations entering that layer. Only floating
+parameters with two or more dimensions are quantized; biases, norm scales and scalars stay as
+they are whatever the rules say.
+
+Recipes are rule lists saved as YAML (see ``configs/``)::
+
+    description: INT8 weights, one scale per output channel.
+    rules:
+      - {pattern: 'embed', weight: null}
+      - {pattern: '.*', weight: 'int8'}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.resources
+import re
+from pathlib import Path
+from typing import Sequence
+
+import yaml
+
+from jaxquant.spec import QuantSpec, SpecLike, as_spec
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+  """``(pattern → weight spec, activation spec)``; a None spec leaves that tensor in float."""
+
+  pattern: str
+  weight: QuantSpec | None = None
+  act: QuantSpec | None = None
+
+  def __post_init__(self):
+    try:
+      re.compile(self.pattern)
+    except re.error as e:
+      raise ValueError(
+          f"Rule pattern {self.pattern!r} is not a valid regular expression ({e}); "
+          "escape literal characters with re.escape."
+      ) from None
+    object.__setattr__(self, "weight", _spec_for(self.weight, self.pattern, "weight"))
+    object.__setattr__(self, "act", _spec_for(self.act, self.pattern, "act"))
+
+  def matches(self, path: str) -> bool:
+    return re.search(self.pattern, path) is not None
+
+  def to_dict(self) -> dict:
+    return {
+        "pattern": self.pattern,
+        "weight": None if self.weight is None else str(self.weight),
+        "act": None if self.act is None else str(self.act),
+    }
+
+
+def _spec_for(spec: SpecLike | None, pattern: str, which: str) -> QuantSpec | None:
+  try:
+    return as_spec(spec)
+  except (ValueError, TypeError) as e:
+    raise type(e)(f"Rule {pattern!r}, {which}: {e}") from None
+
+
+def default_rules(
+    weight: SpecLike = "int8",
+    act: SpecLike | None = None,
+    embeddings: SpecLike | None = None,
+) -> list[Rule]:
+  """Quantize every kernel with `weight`; embedding tables with `embeddings` (None: keep)."""
+  return [Rule(r"(^|/)[^/]*embed[^/]*(/|$)", weight=embeddings), Rule(".*", weight, act)]
+
+
+def first_match(path: str, rules: Sequence[Rule]) -> int | None:
+  """Index of the first rule matching `path`, or None."""
+  for i, rule in enumerate(rules):
+    if rule.matches(path):
+      return i
+  return None
+
+
+# --------------------------------------------------------------------------- recipes
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+  """A named rule list with a description, as stored in ``configs/NAME.yaml``."""
+
+  name: str
+  rules: tuple[Rule, ...]
+  description: str = ""
+
+  def to_yaml(self) -> str:
+    body = {"description": self.description, "rules": [r.to_dict() for r in self.rules]}
+    return yaml.safe_dump(body, sort_keys=False)
+
+
+def recipe_names() -> list[str]:
+  """Names of the recipes that ship with jaxquant."""
+  return sorted(p.name[: -len(".yaml")] for p in _recipe_dir().iterdir() if p.name.endswith(".yaml"))
+
+
+def _recipe_dir():
+  return importlib.resources.files("jaxquant.recipes")
+
+
+def load_recipe(name_or_path: str) -> Recipe:
+  """A recipe by shipped name (``int8``), YAML path, or bare spec string (``int4:g128``).
+
+  A bare spec string means `default_rules` with that weight spec.
+  """
+  path = Path(name_or_path)
+  if path.suffix in (".yaml", ".yml"):
+    if not path.is_file():
+      raise FileNotFoundError(f"Recipe file {path} does not exist.")
+    return _parse_recipe(path.stem, path.read_text(), str(path))
+  shipped = _recipe_dir() / f"{name_or_path}.yaml"
+  if shipped.is_file():
+    return _parse_recipe(name_or_path, shipped.read_text(), f"configs/{name_or_path}.yaml")
+  try:
+    spec = QuantSpec.parse(name_or_path)
+  except ValueError:
+    raise ValueError(
+        f"Unknown recipe {name_or_path!r}: not a shipped recipe ({', '.join(recipe_names())}), "
+        "not a .yaml file, and not a spec string such as 'int8' or 'int4:g128'."
+    ) from None
+  return Recipe(name_or_path, tuple(default_rules(spec)), f"default rules with weights {spec}")
+
+
+def _parse_recipe(name: str, text: str, where: str) -> Recipe:
+  data = yaml.safe_load(text)
+  if not isinstance(data, dict) or not isinstance(data.get("rules"), list):
+    raise ValueError(f"{where}: a recipe is a mapping with a 'rules' list.")
+  unknown = set(data) - {"description", "rules"}
+  if unknown:
+    raise ValueError(f"{where}: unknown keys {sorted(unknown)}; use 'description' and 'rules'.")
+  rules = []
+  for i, entry in enumerate(data["rules"]):
+    if not isinstance(entry, dict) or "pattern" not in entry:
+      raise ValueError(f"{where}: rules[{i}] needs a 'pattern' (and 'weight', 'act').")
+    extra = set(entry) - {"pattern", "weight", "act"}
+    if extra:
+      raise ValueError(f"{where}: rules[{i}] has unknown keys {sorted(extra)}.")
+    try:
+      rules.append(Rule(str(entry["pattern"]), entry.get("weight"), entry.get("act")))
+    except (ValueError, TypeError) as e:
+      raise ValueError(f"{where}: rules[{i}]: {e}") from None
+  return Recipe(name, tuple(rules), str(data.get("description", "")))

@@ -1,0 +1,303 @@
+"""Pure transforms over parameter pytrees: params in, params out.
+
+Works on Linen ``params`` dicts, plain nested dicts/lists, and NNX `State` (whose leaves are
+`nnx.Variable`s; their values are transformed and the Variables kept). Paths are the keys
+joined by '/', e.g. ``encoder/layer_0/attention/self/query/kernel``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import math
+import warnings
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxquant.numerics import check_finite, dequantize, fake_quant, quantize
+from jaxquant.qarray import QArray
+from jaxquant.rules import Rule, first_match
+from jaxquant.spec import QuantSpec, check_group_size
+
+PyTree = Any
+
+
+# --------------------------------------------------------------------------- paths
+def _key_name(key) -> str:
+  for attr in ("key", "name", "idx"):
+    if hasattr(key, attr):
+      return str(getattr(key, attr))
+  return str(key)
+
+
+def path_str(keypath) -> str:
+  """'/'-joined form of a `jax.tree_util` key path."""
+  return "/".join(_key_name(k) for k in keypath)
+
+
+def _is_leaf(x) -> bool:
+  return isinstance(x, (QArray, nnx.Variable))
+
+
+def _unwrap(leaf):
+  return leaf.get_value() if isinstance(leaf, nnx.Variable) else leaf
+
+
+def _rewrap(leaf, value):
+  return leaf.replace(value=value) if isinstance(leaf, nnx.Variable) else value
+
+
+def named_leaves(tree: PyTree) -> list[tuple[str, Any]]:
+  """``[(path, array or QArray)]`` in tree order (NNX Variables unwrapped)."""
+  flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_leaf)
+  return [(path_str(kp), _unwrap(leaf)) for kp, leaf in flat]
+
+
+def map_leaves(fn: Callable[[str, Any], Any], tree: PyTree) -> PyTree:
+  """Applies ``fn(path, value)`` to every leaf value, keeping the tree (and NNX Variables)."""
+  flat, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_leaf)
+  new = [_rewrap(leaf, fn(path_str(kp), _unwrap(leaf))) for kp, leaf in flat]
+  return jax.tree_util.tree_unflatten(treedef, new)
+
+
+# --------------------------------------------------------------------------- selection
+def _nbytes(x) -> int:
+  if isinstance(x, QArray):
+    return x.nbytes
+  return math.prod(np.shape(x)) * np.dtype(x.dtype).itemsize
+
+
+def _selection(path: str, value, rules: Sequence[Rule]) -> tuple[int | None, QuantSpec | None, str]:
+  """``(rule index, spec to apply or None, note)`` for one leaf."""
+  idx = first_match(path, rules)
+  spec = None if idx is None else rules[idx].weight
+  if isinstance(value, QArray):
+    return idx, None, "already quantized"
+  if spec is None:
+    return idx, None, "no rule" if idx is None else "kept by rule"
+  dtype = np.dtype(value.dtype)
+  if not jnp.issubdtype(dtype, jnp.floating):
+    return idx, None, f"kept ({dtype.name})"
+  if np.ndim(value) < 2:
+    return idx, None, "kept (<2 dims)"
+  return idx, spec, ""
+
+
+@dataclasses.dataclass(frozen=True)
+class PlanRow:
+  path: str
+  shape: tuple[int, ...]
+  dtype: str
+  rule: int | None
+  spec: QuantSpec | None
+  bytes_before: int
+  bytes_after: int
+  note: str = ""
+  problem: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """What `quantize_params` would do: one row per leaf, plus the rules that matched nothing."""
+
+  rows: tuple[PlanRow, ...]
+  rules: tuple[Rule, ...]
+  unused_rules: tuple[Rule, ...]
+
+  @property
+  def quantized(self) -> tuple[PlanRow, ...]:
+    return tuple(r for r in self.rows if r.spec is not None)
+
+  @property
+  def bytes_before(self) -> int:
+    return sum(r.bytes_before for r in self.rows)
+
+  @property
+  def bytes_after(self) -> int:
+    return sum(r.bytes_after for r in self.rows)
+
+  @property
+  def problems(self) -> list[str]:
+    return [r.problem for r in self.rows if r.problem]
+
+  def check(self) -> None:
+    """Raises one ValueError listing every problem (bad group sizes...) before any work."""
+    if self.problems:
+      raise ValueError("Cannot quantize these parameters:\n  " + "\n  ".join(self.problems))
+
+  def warn_unused(self) -> None:
+    for rule in self.unused_rules:
+      warnings.warn(
+          f"Rule {rule.pattern!r} matched no parameter (or only parameters an earlier rule "
+          "took); check the pattern against the paths that jaxquant.plan(params, rules) lists.",
+          UserWarning,
+          stacklevel=3,
+      )
+
+  def to_dict(self) -> dict:
+    return {
+        "rows": [
+            {
+                "path": r.path,
+                "shape": list(r.shape),
+                "dtype": r.dtype,
+                "spec": None if r.spec is None else str(r.spec),
+                "bytes_before": r.bytes_before,
+                "bytes_after": r.bytes_after,
+                "note": r.note,
+            }
+            for r in self.rows
+        ],
+        "unused_rules": [r.pattern for r in self.unused_rules],
+        "bytes_before": self.bytes_before,
+        "bytes_after": self.bytes_after,
+    }
+
+  def table(
+      self,
+      extra: dict[str, dict[str, str]] | None = None,
+      title: str = "plan",
+      only_quantized: bool = False,
+  ):
+    """A `rich.table.Table`; `extra` maps path -> {column: text} for added columns."""
+    from rich.table import Table
+
+    extra = extra or {}
+    columns = list(dict.fromkeys(c for cols in extra.values() for c in cols))
+    table = Table(title=title, show_lines=False)
+    for name, justify in [("path", "left"), ("shape", "left"), ("spec", "left"),
+                          ("bytes", "right"), ("quantized", "right")]:
+      table.add_column(name, justify=justify)
+    for c in columns:
+      table.add_column(c, justify="right")
+    for r in self.quantized if only_quantized else self.rows:
+      spec = str(r.spec) if r.spec is not None else (r.note or "-")
+      cells = [r.path, "×".join(map(str, r.shape)) or "()", spec,
+               _human(r.bytes_before), _human(r.bytes_after)]
+      table.add_row(*cells, *[extra.get(r.path, {}).get(c, "") for c in columns])
+    return table
+
+  def __str__(self) -> str:
+    from rich.console import Console
+
+    console = Console(width=140, record=True, file=io.StringIO())
+    console.print(self.table())
+    console.print(self.summary())
+    return console.export_text()
+
+  def summary(self) -> str:
+    q = self.quantized
+    before = sum(r.bytes_before for r in q)
+    after = sum(r.bytes_after for r in q)
+    lines = [
+        f"{len(q)} of {len(self.rows)} tensors quantized: {_human(before)} -> {_human(after)}"
+        f" ({after / before:.1%})" if before else f"0 of {len(self.rows)} tensors quantized",
+        f"whole tree: {_human(self.bytes_before)} -> {_human(self.bytes_after)}",
+    ]
+    lines += [f"rule {r.pattern!r} matched nothing" for r in self.unused_rules]
+    return "\n".join(lines)
+
+
+def _human(n: int) -> str:
+  for unit in ("B", "KiB", "MiB", "GiB"):
+    if n < 1024 or unit == "GiB":
+      return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+    n /= 1024
+  return str(n)
+
+
+def plan(params: PyTree, rules: Sequence[Rule]) -> Plan:
+  """Dry run of `quantize_params`: per leaf, the spec it would get and its bytes before/after."""
+  rules = tuple(rules)
+  rows, used = [], set()
+  for path, value in named_leaves(params):
+    idx, spec, note = _selection(path, value, rules)
+    if idx is not None:
+      used.add(idx)
+    shape = tuple(np.shape(value)) if not isinstance(value, QArray) else value.shape
+    before = _nbytes(value)
+    problem = None
+    after = before
+    if spec is not None:
+      try:
+        check_group_size(spec, shape, path)
+        spec.resolved_axis(len(shape))
+        after = spec.nbytes(shape)
+      except ValueError as e:
+        problem = str(e) if str(e).startswith(path) else f"{path}: {e}"
+    dtype = value.dtype if not isinstance(value, QArray) else value.dtype
+    rows.append(PlanRow(path, shape, np.dtype(dtype).name, idx, spec, before, after, note,
+                        problem))
+  unused = tuple(r for i, r in enumerate(rules) if i not in used)
+  return Plan(tuple(rows), rules, unused)
+
+
+# --------------------------------------------------------------------------- transforms
+def quantize_params(
+    params: PyTree,
+    rules: Sequence[Rule],
+    *,
+    key: jax.Array | None = None,
+    progress: bool = False,
+) -> PyTree:
+  """The same tree with a `QArray` for every leaf a rule quantizes.
+
+  Every matched tensor is checked first (group sizes, NaN/Inf), so a bad parameter raises a
+  ValueError naming its path before anything is quantized. Rules that matched nothing warn.
+
+  Args:
+    params: Linen params dict, nested dicts/lists of arrays, or NNX `State`.
+    rules: ordered rules; the first match per path wins.
+    key: PRNG key for specs with stochastic rounding (folded with each leaf's index).
+    progress: show a progress bar.
+  """
+  p = plan(params, rules)
+  p.check()
+  specs = {r.path: r.spec for r in p.quantized}
+  leaves = dict(named_leaves(params))
+  for path in specs:
+    check_finite(leaves[path], path)
+  p.warn_unused()
+  done: dict[str, QArray] = {}
+  items = list(specs.items())
+  if progress:
+    from rich.progress import track
+
+    items = track(items, description="quantizing", transient=True)
+  for i, (path, spec) in enumerate(items):
+    leaf_key = None if key is None else jax.random.fold_in(key, i)
+    done[path] = quantize(leaves[path], spec, key=leaf_key, path=path)
+  return map_leaves(lambda path, v: done.get(path, v), params)
+
+
+def dequantize_params(qparams: PyTree, dtype=None) -> PyTree:
+  """Replaces every `QArray` leaf by its dequantized array (original dtype unless `dtype`)."""
+  return map_leaves(
+      lambda _, v: dequantize(v, dtype) if isinstance(v, QArray) else v, qparams
+  )
+
+
+def fake_quant_params(
+    params: PyTree, rules: Sequence[Rule], *, key: jax.Array | None = None
+) -> PyTree:
+  """Differentiable ``dequantize(quantize(w))`` of every leaf a rule quantizes (for QAT).
+
+  Gradients pass straight through inside each tensor's range and are zero where it clips.
+  Jit-able: selection depends only on paths, shapes and dtypes.
+  """
+  rules = tuple(rules)
+  counter = iter(range(1 << 30))
+
+  def one(path, value):
+    _, spec, _ = _selection(path, value, rules)
+    if spec is None:
+      return value
+    check_group_size(spec, np.shape(value), path)
+    i = next(counter)
+    return fake_quant(value, spec, key=None if key is None else jax.random.fold_in(key, i))
+
+  return map_leaves(one, params)
