@@ -51,7 +51,7 @@ _NF4_MIDPOINTS = (NF4_CODE[1:] + NF4_CODE[:-1]) / 2
 # --------------------------------------------------------------------------- validation
 def check_input(x, path: str = "x") -> None:
   """TypeError unless `x` is a real floating array."""
-  dtype = np.dtype(getattr(x, "dtype", np.asarray(x).dtype))
+  dtype = np.dtype(x.dtype) if hasattr(x, "dtype") else np.asarray(x).dtype
   if not jnp.issubdtype(dtype, jnp.floating):
     kind = "complex" if jnp.issubdtype(dtype, jnp.complexfloating) else dtype.name
     raise TypeError(
@@ -117,10 +117,11 @@ def scale_from_range(lo: jax.Array, hi: jax.Array, spec: QuantSpec):
   hi = jnp.maximum(hi, 0.0).astype(jnp.float32)
   if spec.symmetric:
     amax = jnp.maximum(-lo, hi)
-    denom = 1.0 if info.kind == "codebook" else info.qmax
-    scale = amax / denom
+    # Multiply by the reciprocal constant: XLA rewrites x / c that way under jit anyway,
+    # and eager and jitted results must agree to the bit.
+    scale = amax * (1.0 if info.kind == "codebook" else 1.0 / info.qmax)
     return jnp.where(scale >= _TINY, scale, 1.0), None
-  scale = (hi - lo) / (info.qmax - info.qmin)
+  scale = (hi - lo) * (1.0 / (info.qmax - info.qmin))
   scale = jnp.where(scale >= _TINY, scale, 1.0)
   zero_point = jnp.clip(info.qmin - jnp.round(lo / scale), info.qmin, info.qmax)
   return scale, zero_point.astype(info.storage)
@@ -180,9 +181,10 @@ def _in_range_mask(xv, scale, zero_point, spec: QuantSpec):
     if zero_point is not None:
       v = v + zero_point.astype(jnp.float32)
     lo, hi = _int_bounds(spec)
-    return (v >= lo) & (v <= hi)
+    # Codes within half a step of the bounds round onto them: not clipped.
+    return (v >= lo - 0.5) & (v <= hi + 0.5)
   bound = 1.0 if info.kind == "codebook" else info.qmax
-  return jnp.abs(v) <= bound
+  return jnp.abs(v) <= bound * (1.0 + 1e-6)
 
 
 def _noise(key, shape, spec: QuantSpec):
@@ -304,9 +306,9 @@ def fake_quant(
 ) -> jax.Array:
   """``dequantize(quantize(x))`` in `x`'s dtype, with a straight-through gradient.
 
-  The gradient is the identity where `x` lies inside the representable range
-  ``[(qmin - z)Δ, (qmax - z)Δ]`` and zero where it is clipped; the scale is treated as a
-  constant (``stop_gradient``).
+  The gradient is the identity where `x` rounds onto the grid without clipping,
+  ``(qmin - z - 1/2)Δ <= x <= (qmax - z + 1/2)Δ``, and zero where it is clipped; the scale is
+  treated as a constant (``stop_gradient``).
   """
   spec = as_spec(spec)
   check_input(x)
