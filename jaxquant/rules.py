@@ -29,11 +29,16 @@ from jaxquant.spec import QuantSpec, SpecLike, as_spec
 
 @dataclasses.dataclass(frozen=True)
 class Rule:
-  """``(pattern → weight spec, activation spec)``; a None spec leaves that tensor in float."""
+  """``(pattern → weight spec, activation spec)``; a None spec leaves that tensor in float.
+
+  A rule that decides no parameter warns, unless `expect_match` is False (for generic rules
+  such as the embedding exclusion in `default_rules`).
+  """
 
   pattern: str
   weight: QuantSpec | None = None
   act: QuantSpec | None = None
+  expect_match: bool = True
 
   def __post_init__(self):
     try:
@@ -50,11 +55,14 @@ class Rule:
     return re.search(self.pattern, path) is not None
 
   def to_dict(self) -> dict:
-    return {
+    out = {
         "pattern": self.pattern,
         "weight": None if self.weight is None else str(self.weight),
         "act": None if self.act is None else str(self.act),
     }
+    if not self.expect_match:
+      out["expect_match"] = False
+    return out
 
 
 def _spec_for(spec: SpecLike | None, pattern: str, which: str) -> QuantSpec | None:
@@ -70,7 +78,10 @@ def default_rules(
     embeddings: SpecLike | None = None,
 ) -> list[Rule]:
   """Quantize every kernel with `weight`; embedding tables with `embeddings` (None: keep)."""
-  return [Rule(r"(^|/)[^/]*embed[^/]*(/|$)", weight=embeddings), Rule(".*", weight, act)]
+  return [
+      Rule(r"(^|/)[^/]*embed[^/]*(/|$)", weight=embeddings, expect_match=False),
+      Rule(".*", weight, act),
+  ]
 
 
 def first_match(path: str, rules: Sequence[Rule]) -> int | None:
@@ -138,11 +149,12 @@ def _parse_recipe(name: str, text: str, where: str) -> Recipe:
   for i, entry in enumerate(data["rules"]):
     if not isinstance(entry, dict) or "pattern" not in entry:
       raise ValueError(f"{where}: rules[{i}] needs a 'pattern' (and 'weight', 'act').")
-    extra = set(entry) - {"pattern", "weight", "act"}
+    extra = set(entry) - {"pattern", "weight", "act", "expect_match"}
     if extra:
       raise ValueError(f"{where}: rules[{i}] has unknown keys {sorted(extra)}.")
     try:
-      rules.append(Rule(str(entry["pattern"]), entry.get("weight"), entry.get("act")))
+      rules.append(Rule(str(entry["pattern"]), entry.get("weight"), entry.get("act"),
+                        bool(entry.get("expect_match", True))))
     except (ValueError, TypeError) as e:
       raise ValueError(f"{where}: rules[{i}]: {e}") from None
   return Recipe(name, tuple(rules), str(data.get("description", "")))

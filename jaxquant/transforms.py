@@ -131,6 +131,8 @@ class Plan:
 
   def warn_unused(self) -> None:
     for rule in self.unused_rules:
+      if not rule.expect_match:
+        continue
       warnings.warn(
           f"Rule {rule.pattern!r} matched no parameter (or only parameters an earlier rule "
           "took); check the pattern against the paths that jaxquant.plan(params, rules) lists.",
@@ -198,7 +200,7 @@ class Plan:
         f" ({after / before:.1%})" if before else f"0 of {len(self.rows)} tensors quantized",
         f"whole tree: {_human(self.bytes_before)} -> {_human(self.bytes_after)}",
     ]
-    lines += [f"rule {r.pattern!r} matched nothing" for r in self.unused_rules]
+    lines += [f"rule {r.pattern!r} matched nothing" for r in self.unused_rules if r.expect_match]
     return "\n".join(lines)
 
 
