@@ -24,7 +24,8 @@ from jaxquant import io, transforms
 from jaxquant.numerics import quantization_error
 from jaxquant.rules import load_recipe, recipe_names
 
-console = Console()
+# Wide enough for full parameter paths when the output goes to a file or pipe.
+console = Console() if sys.stdout.isatty() else Console(width=150)
 
 
 def load_model_params(model: str, layout: str | None) -> tuple[dict, str]:

@@ -36,6 +36,7 @@ _DTYPES = {
     "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8,
     "U64": np.uint64, "U32": np.uint32, "U16": np.uint16, "U8": np.uint8, "BOOL": np.bool_,
 }  # fmt: skip
+_STORABLE = frozenset(np.dtype(d) for d in _DTYPES.values())
 _CHILDREN = ("values", "scale", "zero_point")
 
 
@@ -66,10 +67,11 @@ def _as_numpy(x, path: str) -> np.ndarray:
     arr = np.asarray(jax.device_get(x))
   except Exception as e:  # noqa: BLE001
     raise TypeError(f"{path}: cannot store a {type(x).__name__} in a checkpoint ({e}).") from None
-  if arr.dtype == object or arr.dtype.kind in "USV":
+  if arr.dtype not in _STORABLE:
+    what = type(x).__name__ if arr.dtype == object or arr.dtype.kind in "US" else arr.dtype
     raise TypeError(
-        f"{path}: cannot store a {type(x).__name__} in a checkpoint; leaves must be arrays or "
-        "QArrays. Remove it from the tree before saving."
+        f"{path}: cannot store a {what} in a checkpoint; leaves must be numeric arrays or "
+        "QArrays. Remove it from the tree (or convert it) before saving."
     )
   return np.ascontiguousarray(arr)
 

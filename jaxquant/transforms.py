@@ -171,9 +171,10 @@ class Plan:
     extra = extra or {}
     columns = list(dict.fromkeys(c for cols in extra.values() for c in cols))
     table = Table(title=title, show_lines=False)
-    for name, justify in [("path", "left"), ("shape", "left"), ("spec", "left"),
-                          ("bytes", "right"), ("quantized", "right")]:
-      table.add_column(name, justify=justify)
+    table.add_column("path", overflow="fold")
+    for name, justify in [("shape", "left"), ("spec", "left"), ("bytes", "right"),
+                          ("quantized", "right")]:
+      table.add_column(name, justify=justify, no_wrap=True)
     for c in columns:
       table.add_column(c, justify="right")
     for r in self.quantized if only_quantized else self.rows:

@@ -38,13 +38,13 @@ def torch_to_flax(name: str, value: np.ndarray) -> tuple[str, np.ndarray]:
   ``*.weight`` of Linear/Conv layers becomes ``kernel`` (``[in, out]``, ``[*k, in, out]``),
   of embeddings ``embedding`` (unchanged), of norms ``scale``; ``layer.N`` becomes ``layer_N``.
   """
-  parts = [p for p in re.sub(r"\.(\d+)(?=\.|$)", r"_\1", name).split(".")]
-  leaf, owner = parts[-1], "/".join(parts[:-1]).lower()
+  parts = re.sub(r"\.(\d+)(?=\.|$)", r"_\1", name).split(".")
+  leaf = parts[-1]
   if leaf == "weight":
-    if "embed" in owner:
-      leaf = "embedding"
-    elif value.ndim == 1 or "norm" in owner:
+    if value.ndim == 1 or "norm" in parts[-2].lower():
       leaf = "scale"
+    elif "embed" in parts[-2].lower():
+      leaf = "embedding"
     else:
       leaf, value = "kernel", np.transpose(value, _TORCH_TO_FLAX_AXES[value.ndim])
   return "/".join(parts[:-1] + [leaf]), np.ascontiguousarray(value)
