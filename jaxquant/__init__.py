@@ -14,14 +14,13 @@ from jaxquant.transforms import (
     quantize_params,
 )
 
-
 __all__ = [
-    "__version__",
     "FORMATS",
     "Plan",
     "QArray",
     "QuantSpec",
     "Rule",
+    "__version__",
     "compute_scale",
     "default_rules",
     "dequantize",

@@ -6,7 +6,7 @@ against `x`) and returns ``(lo, hi)``. They are pure `jnp` code and run under `j
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp

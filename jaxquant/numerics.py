@@ -278,7 +278,7 @@ def _ste_qdq_fwd(spec, xv, scale, zero_point, noise):
 
 def _ste_qdq_bwd(spec, res, g):
   mask, scale, zero_point, noise = res
-  zeros = lambda a: None if a is None else jnp.zeros_like(a)  # noqa: E731
+  zeros = lambda a: None if a is None else jnp.zeros_like(a)
   return (jnp.where(mask, g, 0.0), zeros(scale), zeros(zero_point), zeros(noise))
 
 

@@ -19,8 +19,8 @@ from __future__ import annotations
 import dataclasses
 import importlib.resources
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import yaml
 
@@ -141,7 +141,7 @@ def load_recipe(name_or_path: str) -> Recipe:
 def _parse_recipe(name: str, text: str, where: str) -> Recipe:
   data = yaml.safe_load(text)
   if not isinstance(data, dict) or not isinstance(data.get("rules"), list):
-    raise ValueError(f"{where}: a recipe is a mapping with a 'rules' list.")
+    raise ValueError(f"{where}: a recipe is a mapping with a 'rules' list.")  # noqa: TRY004
   unknown = set(data) - {"description", "rules"}
   if unknown:
     raise ValueError(f"{where}: unknown keys {sorted(unknown)}; use 'description' and 'rules'.")

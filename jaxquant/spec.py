@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from typing import Literal, Union
+from typing import Literal
 
 import ml_dtypes
 import numpy as np
@@ -211,7 +211,7 @@ class QuantSpec:
 
   # ----------------------------------------------------------------- string form
   @classmethod
-  def parse(cls, text: Union[str, "QuantSpec"]) -> "QuantSpec":
+  def parse(cls, text: str | QuantSpec) -> QuantSpec:
     """Parses ``FORMAT[:GRANULARITY][:asym][:CALIBRATION][:stochastic]``."""
     if isinstance(text, QuantSpec):
       return text
@@ -318,7 +318,7 @@ def check_group_size(spec: QuantSpec, shape: tuple[int, ...], path: str = "") ->
     )
 
 
-SpecLike = Union[QuantSpec, str]
+SpecLike = QuantSpec | str
 
 
 def as_spec(spec: SpecLike | None) -> QuantSpec | None:

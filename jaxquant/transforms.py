@@ -11,7 +11,9 @@ import dataclasses
 import io
 import math
 import warnings
-from typing import Any, Callable, Sequence
+import zlib
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -232,14 +234,18 @@ def plan(params: PyTree, rules: Sequence[Rule]) -> Plan:
         after = spec.nbytes(shape)
       except ValueError as e:
         problem = str(e) if str(e).startswith(path) else f"{path}: {e}"
-    dtype = value.dtype if not isinstance(value, QArray) else value.dtype
-    rows.append(PlanRow(path, shape, np.dtype(dtype).name, idx, spec, before, after, note,
+    rows.append(PlanRow(path, shape, np.dtype(value.dtype).name, idx, spec, before, after, note,
                         problem))
   unused = tuple(r for i, r in enumerate(rules) if i not in used)
   return Plan(tuple(rows), rules, unused)
 
 
 # --------------------------------------------------------------------------- transforms
+def _leaf_key(key: jax.Array | None, path: str) -> jax.Array | None:
+  """A per-parameter key, stable under changes elsewhere in the tree."""
+  return None if key is None else jax.random.fold_in(key, zlib.crc32(path.encode()) & 0x7FFFFFFF)
+
+
 def quantize_params(
     params: PyTree,
     rules: Sequence[Rule],
@@ -255,7 +261,7 @@ def quantize_params(
   Args:
     params: Linen params dict, nested dicts/lists of arrays, or NNX `State`.
     rules: ordered rules; the first match per path wins.
-    key: PRNG key for specs with stochastic rounding (folded with each leaf's index).
+    key: PRNG key for specs with stochastic rounding (folded with a hash of each path).
     progress: show a progress bar.
   """
   p = plan(params, rules)
@@ -271,9 +277,8 @@ def quantize_params(
     from rich.progress import track
 
     items = track(items, description="quantizing", transient=True)
-  for i, (path, spec) in enumerate(items):
-    leaf_key = None if key is None else jax.random.fold_in(key, i)
-    done[path] = quantize(leaves[path], spec, key=leaf_key, path=path)
+  for path, spec in items:
+    done[path] = quantize(leaves[path], spec, key=_leaf_key(key, path), path=path)
   return map_leaves(lambda path, v: done.get(path, v), params)
 
 
@@ -293,14 +298,12 @@ def fake_quant_params(
   Jit-able: selection depends only on paths, shapes and dtypes.
   """
   rules = tuple(rules)
-  counter = iter(range(1 << 30))
 
   def one(path, value):
     _, spec, _ = _selection(path, value, rules)
     if spec is None:
       return value
     check_group_size(spec, np.shape(value), path)
-    i = next(counter)
-    return fake_quant(value, spec, key=None if key is None else jax.random.fold_in(key, i))
+    return fake_quant(value, spec, key=_leaf_key(key, path))
 
   return map_leaves(one, params)

@@ -59,7 +59,7 @@ def test_file_size_is_the_theory_plus_a_small_header(tmp_path, spec):
   x = jax.random.normal(jax.random.key(1), (1536, 384))
   q = {"w": jq.quantize(x, spec)}
   path = jq.save(tmp_path / "q.safetensors", q)
-  header_bytes = 8 + int.from_bytes(open(path, "rb").read(8), "little")
+  header_bytes = 8 + int.from_bytes(path.read_bytes()[:8], "little")
   assert os.path.getsize(path) - header_bytes == jq.QuantSpec.parse(spec).nbytes(x.shape)
   assert header_bytes < 2048
 

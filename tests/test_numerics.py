@@ -8,12 +8,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
+from reference import INT_RANGES, ref_quantize
 
 import jaxquant as jq
 from jaxquant.numerics import NF4_CODE, codes
 from jaxquant.packing import pack_4bit, to_native_int4, unpack_4bit
-
-from reference import INT_RANGES, ref_quantize
 
 DIMS = st.sampled_from([1, 3, 4, 8])  # few shapes: each new shape compiles anew
 FINITE = st.floats(-1e4, 1e4, width=32, allow_subnormal=False)
@@ -38,7 +37,9 @@ def int_cases(draw):
     n = x.shape[axis]
     group = draw(st.sampled_from([d for d in range(1, n + 1) if n % d == 0]))
   spec = jq.QuantSpec(fmt, gran, group, axis, symmetric)
-  return x, spec, dict(fmt=fmt, granularity=gran, axis=axis, group=group, symmetric=symmetric)
+  reference = {"fmt": fmt, "granularity": gran, "axis": axis, "group": group,
+               "symmetric": symmetric}  # fmt: skip
+  return x, spec, reference
 
 
 @given(int_cases())

@@ -4,7 +4,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import jaxquant as jq
 
@@ -115,3 +116,20 @@ def test_per_channel_scales_split_with_their_values(mesh):
   placed = jax.device_put(q, target)
   for shard in placed.scale.addressable_shards:
     assert shard.data.shape == (1, 32)
+
+
+# --------------------------------------------------------------------------- lowering
+@pytest.mark.parametrize("spec", ["int8", "int4:g16:asym", "nf4:g16", "fp8_e4m3"])
+def test_quantize_and_dequantize_lower_for_cpu_cuda_and_tpu(spec):
+  from jax import export
+
+  x = jax.ShapeDtypeStruct((64, 32), jnp.float32)
+  exported = export.export(
+      jax.jit(lambda a: jq.dequantize(jq.quantize(a, spec))), platforms=("cpu", "cuda", "tpu")
+  )(x)
+  assert exported.platforms == ("cpu", "cuda", "tpu")
+  restored = export.deserialize(exported.serialize())
+  a = jax.random.normal(jax.random.key(4), (64, 32))
+  np.testing.assert_array_equal(
+      np.asarray(restored.call(a)), np.asarray(jq.dequantize(jq.quantize(a, spec)))
+  )

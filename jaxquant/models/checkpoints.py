@@ -69,6 +69,6 @@ def load_safetensors_params(path: str | os.PathLike, layout: str = "flax") -> di
     for p in parts[:-1]:
       node = node.setdefault(p, {})
       if not isinstance(node, dict):
-        raise ValueError(f"{path}: tensor {name!r} nests under another tensor's name.")
+        raise ValueError(f"{path}: tensor {name!r} nests under another tensor's name.")  # noqa: TRY004
     node[parts[-1]] = value
   return tree
