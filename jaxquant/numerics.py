@@ -330,3 +330,40 @@ def quantization_error(x: jax.Array, q: QArray) -> dict[str, float]:
   rel = math.sqrt(noise / signal) if signal > 0 else 0.0
   snr = 10 * math.log10(signal / noise) if noise > 0 else math.inf
   return {"rel_error": rel, "snr_db": snr}
+
+
+# --------------------------------------------------------------------------- explicit axes
+def quantize_along(
+    x: jax.Array,
+    spec: SpecLike,
+    axes: tuple[int, ...],
+    *,
+    scale: jax.Array | None = None,
+    zero_point: jax.Array | None = None,
+):
+  """``(codes, scale, zero_point)`` with one scale per slice over `axes` (keepdims).
+
+  Used for activations, whose scale groups follow the contraction rather than the spec's
+  granularity: per token means "reduce over the contracting axes" whatever their position.
+  """
+  spec = as_spec(spec)
+  xf = jnp.asarray(x).astype(jnp.float32)
+  scale, zero_point = _given_or_computed(xf, tuple(axes), spec, scale, zero_point)
+  return _encode(xf, scale, zero_point, spec), scale, zero_point
+
+
+def fake_quant_along(
+    x: jax.Array,
+    spec: SpecLike,
+    axes: tuple[int, ...],
+    *,
+    scale: jax.Array | None = None,
+    zero_point: jax.Array | None = None,
+) -> jax.Array:
+  """`fake_quant` with one scale per slice over `axes`; straight-through gradient."""
+  spec = as_spec(spec)
+  xf = jnp.asarray(x).astype(jnp.float32)
+  scale, zero_point = jax.lax.stop_gradient(
+      _given_or_computed(xf, tuple(axes), spec, scale, zero_point)
+  )
+  return _ste_qdq(spec, xf, scale, zero_point, None).astype(x.dtype)

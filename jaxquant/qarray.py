@@ -8,6 +8,7 @@ metadata, so two QArrays with the same metadata share one compiled function.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 
 import jax
@@ -58,6 +59,14 @@ class QArray:
         if a is not None
     )
 
+  def __getitem__(self, key):
+    """``q[...]`` is `q` itself, so layers that read ``self.kernel[...]`` receive the QArray."""
+    if key is Ellipsis:
+      return self
+    raise TypeError(
+        "QArray supports only q[...]; dequantize it first to index (jaxquant.dequantize(q))."
+    )
+
   def dequantize(self, dtype=None) -> jax.Array:
     from jaxquant.numerics import dequantize  # numerics imports this module
 
@@ -75,6 +84,25 @@ jax.tree_util.register_dataclass(
     QArray,
     data_fields=["values", "scale", "zero_point"],
     meta_fields=["spec", "shape", "dtype", "packed"],
+)
+
+
+def _serialize_meta(meta) -> bytes:
+  spec, shape, dtype, packed = meta
+  return json.dumps([str(spec), list(shape), np.dtype(dtype).name, packed]).encode()
+
+
+def _deserialize_meta(data: bytes):
+  spec, shape, dtype, packed = json.loads(data)
+  return (QuantSpec.parse(spec), tuple(shape), np.dtype(dtype), packed)
+
+
+# Lets `jax.export` serialize functions that take or return QArrays.
+jax.export.register_pytree_node_serialization(
+    QArray,
+    serialized_name="jaxquant.QArray",
+    serialize_auxdata=_serialize_meta,
+    deserialize_auxdata=_deserialize_meta,
 )
 
 

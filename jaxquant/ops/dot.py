@@ -1,0 +1,225 @@
+"""`qdot_general`: the one seam every quantized contraction goes through.
+
+Operands are float arrays or `QArray`s; `lhs_spec` quantizes the activations. Two modes:
+
+* ``serve``: the integer path when it applies — activations quantized to int8 (one scale per
+  token, i.e. per slice over the contracting axes, or one static scale), weights int8 with
+  scales constant along the contraction — lowers to ``dot_general(i8, i8) -> i32`` followed by
+  ``acc · s_lhs · s_rhs``. Otherwise the weights are dequantized inside the jitted computation
+  (weight-only; 4-bit codes are unpacked in the graph) and the activations, if a spec asks, are
+  quantized and dequantized.
+* ``fake``: ``dot_general(fake_quant(lhs), fake_quant(rhs))`` in float, with straight-through
+  gradients, using the same specs and the same scale computation as serve mode, so
+  ``serve ≈ fake`` up to float rounding: ``s_l s_r Σ q_l q_r = Σ (s_l q_l)(s_r q_r)``.
+
+`explain` says which lowering a call takes, and why.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from jaxquant.numerics import (
+    dequantize,
+    fake_quant,
+    fake_quant_along,
+    quantize,
+    quantize_along,
+)
+from jaxquant.qarray import QArray
+from jaxquant.spec import QuantSpec, SpecLike, as_spec
+
+log = logging.getLogger("jaxquant.ops")
+
+Mode = Literal["serve", "fake"]
+DotDims = tuple[tuple[tuple[int, ...], tuple[int, ...]], tuple[tuple[int, ...], tuple[int, ...]]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Lowering:
+  """The chosen way to compute a quantized contraction."""
+
+  name: Literal["int8", "dequant", "float"]
+  reason: str
+
+  def __str__(self) -> str:
+    return f"{self.name}: {self.reason}"
+
+
+# --------------------------------------------------------------------------- helpers
+def _norm_dims(dims: DotDims, lhs_ndim: int, rhs_ndim: int) -> DotDims:
+  (lc, rc), (lb, rb) = dims
+  norm = lambda axes, n: tuple(int(a) % n for a in axes)  # noqa: E731
+  return (norm(lc, lhs_ndim), norm(rc, rhs_ndim)), (norm(lb, lhs_ndim), norm(rb, rhs_ndim))
+
+
+def activation_axes(spec: QuantSpec, ndim: int, contracting: tuple[int, ...]) -> tuple[int, ...]:
+  """Axes one activation scale covers: the contraction (per token) or everything (tensor)."""
+  if spec.granularity == "tensor":
+    return tuple(range(ndim))
+  if spec.granularity == "token":
+    return contracting
+  raise ValueError(
+      f"Activation spec {spec}: activations take 'token' (dynamic, one scale per token) or "
+      "'tensor' (one scale, static when calibrated) granularity."
+  )
+
+
+def _constant_along(scale: jax.Array | None, axes: tuple[int, ...]) -> bool:
+  return scale is None or all(scale.shape[a] == 1 for a in axes)
+
+
+def _int8_weights_reason(rhs: QArray, contracting: tuple[int, ...]) -> str | None:
+  """Why `rhs` cannot take the int8 path (None if it can)."""
+  spec = rhs.spec
+  if spec.format != "int8":
+    return f"weights are {spec.format}, not int8"
+  if not spec.symmetric:
+    return "weights have zero points"
+  if spec.granularity == "group":
+    return "weight scales vary along the contraction (groups)"
+  if not _constant_along(rhs.scale, contracting):
+    return "weight scales vary along the contraction"
+  return None
+
+
+def choose_lowering(
+    lhs_ndim: int,
+    rhs,
+    dims: DotDims,
+    lhs_spec: QuantSpec | None,
+    mode: Mode = "serve",
+) -> Lowering:
+  """The lowering `qdot_general` takes for these operands (see `explain`)."""
+  (lc, rc), _ = _norm_dims(dims, lhs_ndim, getattr(rhs, "ndim", np.ndim(rhs)))
+  if mode == "fake":
+    return Lowering("float", "fake quantization: float dot of quantize-dequantized operands")
+  if not isinstance(rhs, QArray):
+    if lhs_spec is None:
+      return Lowering("float", "no quantized operand")
+    return Lowering("float", "float weights; activations quantize-dequantized")
+  if lhs_spec is None:
+    return Lowering("dequant", f"weight-only {rhs.spec}: dequantized in the graph")
+  why = _int8_weights_reason(rhs, rc)
+  if why is None and (lhs_spec.format != "int8" or not lhs_spec.symmetric):
+    why = f"activations are {lhs_spec}, not symmetric int8"
+  if why is None and lhs_spec.granularity not in ("token", "tensor"):
+    why = f"activation granularity {lhs_spec.granularity} varies along the contraction"
+  if why is None:
+    return Lowering("int8", f"i8 x i8 -> i32 dot_general, rescaled by {lhs_spec} x {rhs.spec}")
+  return Lowering("dequant", f"{why}: weights dequantized in the graph, activations simulated")
+
+
+def _lhs_scale_to_out(s: jax.Array, lb, lfree, lc, n_rhs_free: int) -> jax.Array:
+  s = jnp.transpose(s, tuple(lb) + tuple(lfree) + tuple(lc))
+  s = s.reshape(s.shape[: len(lb) + len(lfree)])
+  return s.reshape(s.shape + (1,) * n_rhs_free)
+
+
+def _rhs_scale_to_out(s: jax.Array, rb, rfree, rc, n_lhs_free: int) -> jax.Array:
+  s = jnp.transpose(s, tuple(rb) + tuple(rfree) + tuple(rc))
+  s = s.reshape(s.shape[: len(rb) + len(rfree)])
+  return s.reshape(s.shape[: len(rb)] + (1,) * n_lhs_free + s.shape[len(rb) :])
+
+
+def _free(ndim: int, *used) -> tuple[int, ...]:
+  taken = {a for axes in used for a in axes}
+  return tuple(a for a in range(ndim) if a not in taken)
+
+
+# --------------------------------------------------------------------------- the seam
+def qdot_general(
+    lhs: jax.Array,
+    rhs: jax.Array | QArray,
+    dimension_numbers: DotDims,
+    precision=None,
+    preferred_element_type=None,
+    *,
+    lhs_spec: SpecLike | None = None,
+    rhs_spec: SpecLike | None = None,
+    lhs_scale: jax.Array | None = None,
+    lhs_zero_point: jax.Array | None = None,
+    mode: Mode = "serve",
+    out_dtype=None,
+    **kwargs,
+) -> jax.Array:
+  """`lax.dot_general` with quantized operands.
+
+  Args:
+    lhs: float activations ``[..., K]`` (any layout `dimension_numbers` names).
+    rhs: float weights, or a `QArray` (serve mode).
+    dimension_numbers: as for `lax.dot_general`.
+    precision, preferred_element_type: as for `lax.dot_general` (float paths).
+    lhs_spec: activation spec: ``token`` granularity (dynamic, one scale per slice over the
+      contracting axes) or ``tensor`` (one scale; pass `lhs_scale` for a static one).
+    rhs_spec: weight spec for float `rhs` (fake mode quantizes on the fly).
+    lhs_scale, lhs_zero_point: static activation scale, shaped to broadcast against `lhs`.
+    mode: ``serve`` or ``fake``.
+    out_dtype: result dtype (default: `lhs`'s).
+  Returns:
+    ``[batch..., lhs free..., rhs free...]`` as `lax.dot_general` orders them.
+  """
+  del kwargs  # e.g. out_sharding from newer Flax layers: placement is left to XLA
+  lhs_spec, rhs_spec = as_spec(lhs_spec), as_spec(rhs_spec)
+  lhs = jnp.asarray(lhs)
+  out_dtype = out_dtype or preferred_element_type or lhs.dtype
+  rhs_ndim = rhs.ndim if isinstance(rhs, QArray) else jnp.ndim(rhs)
+  dims = _norm_dims(dimension_numbers, lhs.ndim, rhs_ndim)
+  (lc, rc), (lb, rb) = dims
+  if mode == "serve" and rhs_spec is not None and not isinstance(rhs, QArray):
+    rhs = quantize(rhs, rhs_spec)
+  lowering = choose_lowering(lhs.ndim, rhs, dims, lhs_spec, mode)
+  log.debug("qdot_general %s x %s: %s", lhs.shape, getattr(rhs, "shape", None), lowering)
+
+  if lowering.name == "int8":
+    axes = activation_axes(lhs_spec, lhs.ndim, lc)
+    q_lhs, s_lhs, _ = quantize_along(lhs, lhs_spec, axes, scale=lhs_scale)
+    acc = lax.dot_general(q_lhs, rhs.values, dims, preferred_element_type=jnp.int32)
+    lfree, rfree = _free(lhs.ndim, lc, lb), _free(rhs.ndim, rc, rb)
+    s_l = _lhs_scale_to_out(jnp.broadcast_to(s_lhs, _keep_shape(lhs.shape, axes)), lb, lfree,
+                            lc, len(rfree))  # fmt: skip
+    s_r = _rhs_scale_to_out(rhs.scale, rb, rfree, rc, len(lfree))
+    return (acc.astype(jnp.float32) * s_l * s_r).astype(out_dtype)
+
+  # float paths: weights dequantized (or fake-quantized), activations quantize-dequantized
+  if isinstance(rhs, QArray):
+    w = dequantize(rhs, lhs.dtype)
+  elif rhs_spec is not None:
+    w = fake_quant(jnp.asarray(rhs), rhs_spec)
+  else:
+    w = jnp.asarray(rhs)
+  x = lhs
+  if lhs_spec is not None:
+    axes = activation_axes(lhs_spec, lhs.ndim, lc)
+    x = fake_quant_along(lhs, lhs_spec, axes, scale=lhs_scale, zero_point=lhs_zero_point)
+  out = lax.dot_general(x, w.astype(x.dtype), dims, precision=precision,
+                        preferred_element_type=preferred_element_type)  # fmt: skip
+  return out.astype(out_dtype)
+
+
+def _keep_shape(shape: tuple[int, ...], axes: tuple[int, ...]) -> tuple[int, ...]:
+  return tuple(1 if a in axes else d for a, d in enumerate(shape))
+
+
+def explain(
+    lhs: jax.Array | jax.ShapeDtypeStruct,
+    rhs,
+    dimension_numbers: DotDims | None = None,
+    lhs_spec: SpecLike | None = None,
+    mode: Mode = "serve",
+) -> Lowering:
+  """Which lowering `qdot_general` picks for these operands, and why.
+
+  `dimension_numbers` defaults to contracting the last axis of `lhs` with the first of `rhs`
+  (a Dense layer).
+  """
+  if dimension_numbers is None:
+    dimension_numbers = (((len(lhs.shape) - 1,), (0,)), ((), ()))
+  return choose_lowering(len(lhs.shape), rhs, dimension_numbers, as_spec(lhs_spec), mode)
