@@ -70,3 +70,58 @@ def mse_range(x: jax.Array, axes: Sequence[int], full: Range, qdq: QDQ) -> Range
   init = (jnp.full(lo.shape, jnp.inf, x.dtype), jnp.ones(lo.shape, x.dtype))
   (_, alpha), _ = jax.lax.scan(step, init, jnp.asarray(MSE_CLIP_GRID, x.dtype))
   return alpha * lo, alpha * hi
+
+
+# --------------------------------------------------------------------------- activations
+ACT_SAMPLE = 4096
+
+
+def init_act_stats(sample_size: int = ACT_SAMPLE) -> dict[str, jax.Array]:
+  """Empty running statistics of one activation tensor (a pytree of arrays).
+
+  ``absmax``, ``min``, ``max`` are exact running values; ``sample`` is a uniform random sample
+  of everything seen (each slot an independent draw), for percentile and MSE ranges.
+  """
+  return {
+      "absmax": jnp.zeros((), jnp.float32),
+      "min": jnp.zeros((), jnp.float32),
+      "max": jnp.zeros((), jnp.float32),
+      "count": jnp.zeros((), jnp.float32),
+      "sample": jnp.zeros((sample_size,), jnp.float32),
+  }
+
+
+def update_act_stats(stats: dict, x: jax.Array, key: jax.Array) -> dict:
+  """``stats`` after also seeing ``x``: a pure ``(stats, x) -> stats`` update (jit/scan-safe)."""
+  flat = jnp.ravel(x).astype(jnp.float32)
+  n = flat.shape[0]
+  k = stats["sample"].shape[0]
+  draw_key, mix_key = jax.random.split(key)
+  drawn = flat[jax.random.randint(draw_key, (k,), 0, n)]
+  total = stats["count"] + n
+  take_new = jax.random.uniform(mix_key, (k,)) < n / total
+  first = stats["count"] == 0
+  return {
+      "absmax": jnp.maximum(stats["absmax"], jnp.max(jnp.abs(flat))),
+      "min": jnp.where(first, jnp.min(flat), jnp.minimum(stats["min"], jnp.min(flat))),
+      "max": jnp.where(first, jnp.max(flat), jnp.maximum(stats["max"], jnp.max(flat))),
+      "count": total,
+      "sample": jnp.where(take_new, drawn, stats["sample"]),
+  }
+
+
+def act_range(stats: dict, spec, qdq: QDQ) -> Range:
+  """Static ``(lo, hi)`` for an activation from its statistics, by the spec's calibration."""
+  sample = stats["sample"][None, :]
+  if spec.calibration == "percentile":
+    lo, hi = percentile_range(sample, (1,), spec.percentile, spec.symmetric)
+  elif spec.symmetric:
+    lo, hi = -stats["absmax"], stats["absmax"]
+  else:
+    lo, hi = stats["min"], stats["max"]
+  lo, hi = jnp.reshape(lo, ()), jnp.reshape(hi, ())
+  if spec.calibration == "mse":
+    full = (jnp.reshape(lo, (1, 1)), jnp.reshape(hi, (1, 1)))
+    lo, hi = mse_range(sample, (1,), full, qdq)
+    lo, hi = jnp.reshape(lo, ()), jnp.reshape(hi, ())
+  return lo, hi

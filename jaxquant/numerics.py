@@ -367,3 +367,11 @@ def fake_quant_along(
       _given_or_computed(xf, tuple(axes), spec, scale, zero_point)
   )
   return _ste_qdq(spec, xf, scale, zero_point, None).astype(x.dtype)
+
+
+def static_act_scale(stats: dict, spec: SpecLike):
+  """``(scale, zero_point)`` of a static (calibrated) activation quantizer from its stats."""
+  spec = as_spec(spec)
+  lo, hi = calibration.act_range(stats, spec, functools.partial(_qdq_range, spec=spec))
+  return scale_from_range(lo, hi, spec)
+

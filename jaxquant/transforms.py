@@ -73,6 +73,11 @@ def _nbytes(x) -> int:
   return math.prod(np.shape(x)) * np.dtype(x.dtype).itemsize
 
 
+# Leaf names that are never weights of a contraction, whatever their rank (e.g. the 2-D bias
+# of a DenseGeneral with two output axes).
+_NEVER_QUANTIZED = frozenset({"bias", "scale", "offset", "mean", "var"})
+
+
 def _selection(path: str, value, rules: Sequence[Rule]) -> tuple[int | None, QuantSpec | None, str]:
   """``(rule index, spec to apply or None, note)`` for one leaf."""
   idx = first_match(path, rules)
@@ -86,6 +91,8 @@ def _selection(path: str, value, rules: Sequence[Rule]) -> tuple[int | None, Qua
     return idx, None, f"kept ({dtype.name})"
   if np.ndim(value) < 2:
     return idx, None, "kept (<2 dims)"
+  if path.rsplit("/", 1)[-1] in _NEVER_QUANTIZED:
+    return idx, None, "kept (bias or norm)"
   return idx, spec, ""
 
 

@@ -65,7 +65,7 @@ def qconv(
   if mode == "serve" and rhs_spec is not None and not isinstance(rhs, QArray):
     rhs = quantize(rhs, rhs_spec)
   lowering = _conv_lowering(rhs, dn.rhs_spec[0], lhs_spec, mode)
-  conv = lambda a, b, **kw: lax.conv_general_dilated(  # noqa: E731
+  conv = lambda a, b, **kw: lax.conv_general_dilated(
       a, b, window_strides, padding, lhs_dilation, rhs_dilation, dn, feature_group_count,
       batch_group_count, **kw)  # fmt: skip
   if lowering.name == "int8":

@@ -56,7 +56,7 @@ class Lowering:
 # --------------------------------------------------------------------------- helpers
 def _norm_dims(dims: DotDims, lhs_ndim: int, rhs_ndim: int) -> DotDims:
   (lc, rc), (lb, rb) = dims
-  norm = lambda axes, n: tuple(int(a) % n for a in axes)  # noqa: E731
+  norm = lambda axes, n: tuple(int(a) % n for a in axes)
   return (norm(lc, lhs_ndim), norm(rc, rhs_ndim)), (norm(lb, lhs_ndim), norm(rb, rhs_ndim))
 
 

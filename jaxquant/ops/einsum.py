@@ -17,9 +17,8 @@ def _expand_ellipsis(term: str, ndim: int, filler: str) -> str:
   return term.replace("...", filler[-n:] if n > 0 else "")
 
 
-def einsum_dims(subscripts: str, lhs_ndim: int, rhs_ndim: int) -> tuple[DotDims, tuple[int, ...]]:
-  """``(dimension_numbers, perm)`` such that
-  ``einsum(s, a, b) == transpose(dot_general(a, b, dimension_numbers), perm)``."""
+def expand_equation(subscripts: str, lhs_ndim: int, rhs_ndim: int) -> tuple[str, str, str]:
+  """``(lhs, rhs, out)`` index strings with any ``...`` spelled out as letters."""
   s = subscripts.replace(" ", "")
   if "->" not in s or s.count(",") != 1:
     raise ValueError(
@@ -35,6 +34,13 @@ def einsum_dims(subscripts: str, lhs_ndim: int, rhs_ndim: int) -> tuple[DotDims,
   out = out.replace("...", filler[:n_ell])
   if len(lhs) != lhs_ndim or len(rhs) != rhs_ndim:
     raise ValueError(f"Equation {subscripts!r} does not match operand ranks {lhs_ndim}, {rhs_ndim}.")
+  return lhs, rhs, out
+
+
+def einsum_dims(subscripts: str, lhs_ndim: int, rhs_ndim: int) -> tuple[DotDims, tuple[int, ...]]:
+  """``(dimension_numbers, perm)`` such that
+  ``einsum(s, a, b) == transpose(dot_general(a, b, dimension_numbers), perm)``."""
+  lhs, rhs, out = expand_equation(subscripts, lhs_ndim, rhs_ndim)
   batch = [c for c in lhs if c in rhs and c in out]
   contract = [c for c in lhs if c in rhs and c not in out]
   for c in set(lhs + rhs) - set(out) - set(contract):

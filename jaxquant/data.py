@@ -1,0 +1,153 @@
+"""Real English sentences for calibration and evaluation, from the standard library's docstrings.
+
+The Python standard library ships its own source on every machine, so its module, class and
+function docstrings give plain technical English without a download. Two disjoint pools are
+drawn from two disjoint, fixed lists of stdlib modules and packages:
+
+* calibration: `CALIBRATION_MODULES` (email, http, logging, argparse, unittest, ...);
+* evaluation: `EVALUATION_MODULES` (json, collections, asyncio, pathlib, typing, ...).
+
+Each docstring is split into prose paragraphs (code, doctests, indented lists and headings
+dropped) and then into sentences; those of 6 to 60 words are kept, deduplicated in source
+order and put in a fixed pseudo-random order, so ``calibration_sentences(n)`` is always the
+first ``n`` of one list (a smaller request is a prefix of a larger one). Any sentence that
+occurs in both pools is removed from the evaluation pool. The pools depend on the Python
+version's stdlib text, not on the machine.
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import os
+import re
+import sysconfig
+from pathlib import Path
+
+import numpy as np
+
+CALIBRATION_MODULES = (
+    "email", "http", "logging", "argparse", "unittest", "urllib", "xml", "mailbox",
+    "configparser", "smtplib",
+)  # fmt: skip
+EVALUATION_MODULES = (
+    "json", "collections", "asyncio", "pathlib", "typing", "importlib", "threading", "inspect",
+    "statistics", "ipaddress", "enum", "functools",
+)  # fmt: skip
+MIN_WORDS, MAX_WORDS = 6, 60
+SEED = 0
+
+_SKIP_DIRS = {"test", "tests", "idle_test", "__pycache__"}
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"'(])")
+_HEADING = re.compile(r"^\s*[-=~^*]{3,}\s*$")
+_DOCSTRING_NODES = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+
+
+def stdlib_dir() -> Path:
+  return Path(sysconfig.get_paths()["stdlib"])
+
+
+def module_files(name: str) -> list[Path]:
+  """The ``.py`` files of stdlib module or package `name`, sorted, test folders excluded."""
+  root = stdlib_dir()
+  folder = root / name
+  if folder.is_dir():
+    files = sorted(folder.rglob("*.py"))
+    return [f for f in files if not _SKIP_DIRS & set(f.relative_to(root).parts)]
+  single = root / f"{name}.py"
+  return [single] if single.is_file() else []
+
+
+def docstrings(path: str | os.PathLike) -> list[str]:
+  """Module, class and function docstrings of one source file, in source order."""
+  try:
+    tree = ast.parse(Path(path).read_text(encoding="utf-8", errors="replace"))
+  except SyntaxError:
+    return []
+  nodes = [n for n in ast.walk(tree) if isinstance(n, _DOCSTRING_NODES)]
+  nodes.sort(key=lambda n: getattr(n, "lineno", 0))
+  return [d for d in (ast.get_docstring(n) for n in nodes) if d]
+
+
+def _is_prose(lines: list[str]) -> bool:
+  """False for doctests, indented blocks, headings, option lists and field lists."""
+  first = lines[0]
+  return not (
+      any(line[:1].isspace() or line.lstrip().startswith((">>>", "...")) for line in lines)
+      or any(_HEADING.match(line) for line in lines)
+      or first.startswith(("-", "*", ":", "@", "#"))
+      or first.rstrip().endswith(":")
+  )
+
+
+def _is_sentence(text: str) -> bool:
+  words = text.split()
+  if not MIN_WORDS <= len(words) <= MAX_WORDS or not text[0].isupper() or text[-1] not in ".!?":
+    return False
+  letters = sum(c.isalpha() or c.isspace() for c in text)
+  return letters >= 0.85 * len(text) and "::" not in text
+
+
+def sentences_of(doc: str) -> list[str]:
+  """The prose sentences of one (cleaned) docstring with ``MIN_WORDS..MAX_WORDS`` words."""
+  out = []
+  for paragraph in re.split(r"\n\s*\n", doc):
+    lines = [line for line in paragraph.split("\n") if line.strip()]
+    if not lines or not _is_prose(lines):
+      continue
+    text = " ".join(line.strip() for line in lines)
+    out.extend(s for s in _SENTENCE_END.split(text) if _is_sentence(s))
+  return out
+
+
+def collect(modules: tuple[str, ...]) -> list[str]:
+  """Deduplicated sentences of `modules`' docstrings, in module, file and source order."""
+  seen: dict[str, None] = {}
+  for name in modules:
+    for path in module_files(name):
+      for doc in docstrings(path):
+        seen.update((s, None) for s in sentences_of(doc))
+  return list(seen)
+
+
+def _shuffled(sentences: list[str]) -> tuple[str, ...]:
+  order = np.random.default_rng(SEED).permutation(len(sentences))
+  return tuple(sentences[i] for i in order)
+
+
+@functools.lru_cache(maxsize=1)
+def _pools() -> tuple[tuple[str, ...], tuple[str, ...]]:
+  calibration = collect(CALIBRATION_MODULES)
+  taken = set(calibration)
+  evaluation = [s for s in collect(EVALUATION_MODULES) if s not in taken]
+  return _shuffled(calibration), _shuffled(evaluation)
+
+
+def _take(pool: tuple[str, ...], n: int, which: str) -> list[str]:
+  if not 0 <= n <= len(pool):
+    raise ValueError(f"asked for {n} {which} sentences; the stdlib here yields {len(pool)}.")
+  return list(pool[:n])
+
+
+def calibration_sentences(n: int = 512) -> list[str]:
+  """The first `n` calibration sentences (from `CALIBRATION_MODULES`)."""
+  return _take(_pools()[0], n, "calibration")
+
+
+def evaluation_sentences(n: int = 256) -> list[str]:
+  """The first `n` evaluation sentences (from `EVALUATION_MODULES`); none is a calibration one."""
+  return _take(_pools()[1], n, "evaluation")
+
+
+def write_sentences(path: str | os.PathLike, sentences: list[str]) -> Path:
+  """Writes one sentence a line (UTF-8) and returns the path."""
+  if any("\n" in s for s in sentences):
+    raise ValueError("sentences must not contain newlines.")
+  path = Path(path)
+  path.write_text("".join(s + "\n" for s in sentences), encoding="utf-8")
+  return path
+
+
+def read_sentences(path: str | os.PathLike) -> list[str]:
+  """The sentences `write_sentences` wrote, one a line."""
+  return Path(path).read_text(encoding="utf-8").splitlines()

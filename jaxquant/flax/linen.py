@@ -1,0 +1,171 @@
+"""Run an unchanged Linen model with quantized weights and activations.
+
+    qmodel = jaxquant.flax.quantize_model(model, rules, mode="serve")
+    y = qmodel.apply({"params": jaxquant.quantize_params(params, rules)}, x)
+
+`nn.intercept_methods` catches the ``__call__`` of every `nn.Dense`, `nn.DenseGeneral`,
+`nn.Conv` and `nn.Einsum` whose kernel a rule quantizes. Dense, DenseGeneral and Conv then run
+their own code on a copy of themselves whose ``dot_general`` / ``conv_general_dilated`` and
+``promote_dtype`` are the jaxquant seams (see `jaxquant.flax.common`); Einsum, which has no
+contraction seam in Linen, is computed here with `jaxquant.ops.qeinsum`.
+
+Modes: ``serve`` (QArray kernels, int8 path where it applies), ``fake`` (float kernels,
+fake-quantized with straight-through gradients, for QAT), ``calibrate`` (float forward that
+also returns running activation statistics, for static activation scales).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax.linen import dtypes as linen_dtypes
+
+from jaxquant.flax import common
+from jaxquant.ops import qeinsum
+from jaxquant.ops.einsum import expand_equation
+from jaxquant.qarray import QArray
+from jaxquant.rules import Rule
+
+_SEAMS = {nn.Dense: "dot_general", nn.DenseGeneral: "dot_general", nn.Conv: "conv_general_dilated"}
+_SEAM_TYPES = {"dot_general": common.DotSeam, "conv_general_dilated": common.ConvSeam}
+
+
+def _promote(*args, dtype=None, inexact=True):
+  return list(common.promote_keeping_kernel(
+      lambda a, **kw: linen_dtypes.promote_dtype(*a, **kw), args, dtype=dtype, inexact=inexact))
+
+
+def _run_with_seams(module: nn.Module, seam_attr: str, cfg: common.LayerConfig, args, kwargs):
+  """Runs `module`'s own ``__call__`` with the jaxquant seams, on its own variables."""
+  seam = _SEAM_TYPES[seam_attr](cfg)
+  overrides = {seam_attr: seam, f"{seam_attr}_cls": None, "promote_dtype": _promote}
+  clone = module.clone(parent=None, **overrides)
+  variables = dict(module.variables)
+  params = dict(variables.get("params", {}))
+  params["kernel"] = common.Operand(params["kernel"])
+  variables["params"] = params
+  return clone.apply(variables, *args, **kwargs)
+
+
+def _einsum(module: nn.Einsum, cfg: common.LayerConfig, args, kwargs):
+  """`nn.Einsum.__call__` through `qeinsum` (Linen's Einsum has no contraction seam)."""
+  inputs = args[0]
+  equation = kwargs.get("einsum_str", args[1] if len(args) > 1 else None) or module.einsum_str
+  equation = equation.replace(" ", "")
+  params = module.variables["params"]
+  kernel, bias = params["kernel"], params.get("bias")
+  dtype = module.dtype or jnp.result_type(inputs.dtype, kernel.dtype)
+  inputs = inputs.astype(dtype)
+  if cfg.mode == "calibrate":
+    common.record(cfg, inputs)
+    w = kernel.dequantize(dtype) if isinstance(kernel, QArray) else kernel
+    y = jnp.einsum(equation, inputs, w.astype(dtype), precision=module.precision)
+  else:
+    scale, zp = common.static_scale(cfg)
+    y = qeinsum(
+        equation, inputs, kernel, precision=module.precision, lhs_spec=cfg.act,
+        rhs_spec=None if isinstance(kernel, QArray) else cfg.weight, lhs_scale=scale,
+        lhs_zero_point=zp, mode="fake" if cfg.mode == "fake" else "serve", out_dtype=dtype,
+    )  # fmt: skip
+  if bias is not None:
+    y = y + jnp.reshape(bias.astype(dtype), _bias_shape(equation, inputs.ndim, kernel.shape))
+  return y
+
+
+def _bias_shape(equation: str, lhs_ndim: int, kernel_shape) -> tuple[int, ...]:
+  """Where the bias broadcasts: output axes that come from the kernel."""
+  _, rhs, out = expand_equation(equation, lhs_ndim, len(kernel_shape))
+  return tuple(kernel_shape[rhs.index(c)] if c in rhs else 1 for c in out)
+
+
+@dataclasses.dataclass
+class QuantizedModel:
+  """A Linen model run through jaxquant's seams; `apply` is the model's `apply`.
+
+  Attributes:
+    model: the unchanged Linen module.
+    rules: the rules that decide each layer's weight and activation specs.
+    mode: ``serve``, ``fake`` or ``calibrate``.
+    calibration: activation statistics from calibrate mode (for static, per-tensor specs).
+  """
+
+  model: nn.Module
+  rules: Sequence[Rule]
+  mode: common.Mode = "serve"
+  calibration: dict | None = None
+
+  def __post_init__(self):
+    common.check_mode(self.mode)
+    self.rules = tuple(self.rules)
+    self._configs: dict[str, common.LayerConfig] = {}
+    self._scales = None
+
+  def init(self, *args, **kwargs):
+    return self.model.init(*args, **kwargs)
+
+  def _config_for(self, module: nn.Module) -> common.LayerConfig | None:
+    path = "/".join(module.path + ("kernel",))
+    if path not in self._configs:
+      self._configs[path] = common.layer_config(path, self.rules, self.mode)
+    return self._configs[path]
+
+  def _interceptor(self, next_fun, args, kwargs, context):
+    module = context.module
+    if context.method_name != "__call__":
+      return next_fun(*args, **kwargs)
+    if type(module) in _SEAMS:
+      attr = _SEAMS[type(module)]
+      if isinstance(getattr(module, attr, None), (common.DotSeam, common.ConvSeam)):
+        return next_fun(*args, **kwargs)  # already the seamed copy
+      cfg = self._config_for(module)
+      if cfg is None:
+        return next_fun(*args, **kwargs)
+      return _run_with_seams(module, attr, cfg, args, kwargs)
+    if type(module) is nn.Einsum:
+      cfg = self._config_for(module)
+      if cfg is None:
+        return next_fun(*args, **kwargs)
+      return _einsum(module, cfg, args, kwargs)
+    return next_fun(*args, **kwargs)
+
+  def _static_scales(self):
+    if self.calibration is None:
+      return {}
+    configs = {
+        path: common.LayerConfig(path, *_specs(path, self.rules), self.mode)
+        for path in self.calibration
+    }
+    return common.scales_from_stats(self.calibration, configs)
+
+  def apply(self, variables, *args, key: jax.Array | None = None, stats: dict | None = None,
+            **kwargs) -> Any:  # fmt: skip
+    """``model.apply`` with quantized layers.
+
+    In calibrate mode returns ``(outputs, stats)``: `stats` maps each quantized layer's kernel
+    path to running activation statistics, updated from the `stats` passed in (None: fresh);
+    `key` drives their random sampling.
+    """
+    scales = self._static_scales() if self.mode != "calibrate" else {}
+    with common.call_state(scales, stats, key) as state, nn.intercept_methods(self._interceptor):
+      out = self.model.apply(variables, *args, **kwargs)
+    if self.mode == "calibrate":
+      merged = dict(stats or {})
+      merged.update(state.stats_out)
+      return out, merged
+    return out
+
+
+def _specs(path: str, rules: Sequence[Rule]):
+  cfg = common.layer_config(path, rules, "serve")
+  return (None, None) if cfg is None else (cfg.weight, cfg.act)
+
+
+def quantize_model(model: nn.Module, rules: Sequence[Rule], mode: str = "serve",
+                   calibration: dict | None = None) -> QuantizedModel:  # fmt: skip
+  """Wraps an unchanged Linen `model` so its layers run quantized by `rules` (see module doc)."""
+  return QuantizedModel(model, rules, mode, calibration)
