@@ -24,7 +24,7 @@ from jaxquant.models import minilm
 from jaxquant.numerics import quantization_error
 from jaxquant.transforms import named_leaves
 
-DEFAULT_RECIPES = "bf16,fp8,int8,int8-g128,int4-g128,int4-g128-asym,int4:g128:mse,nf4-g64"
+DEFAULT_RECIPES = "bf16,fp8,w8,w8g128,w4g128,w4g128-asym,int4:g128:mse,nf4"
 
 
 def measure(params: dict, recipe_name: str) -> dict:

@@ -2,7 +2,9 @@
 
     jaxquant quantize --model minilm --recipe int8 --out out/minilm-int8
     jaxquant quantize --model weights.safetensors --layout torch --recipe int4:g128 --out q/
-    jaxquant plan --model minilm --recipe int4-g128
+    jaxquant plan --model minilm --recipe w4g128
+    jaxquant embed --model minilm --recipe w8a8 --sentences s.txt --out emb.npy
+    jaxquant eval --model minilm --recipes fp32,w8,w8a8,w4g128 --json results.json
     jaxquant recipes
 """
 
@@ -122,6 +124,90 @@ def _json_safe(x):
   return str(x)
 
 
+def _read_lines(path: str) -> list[str]:
+  from jaxquant.data import read_sentences
+
+  if not Path(path).is_file():
+    raise FileNotFoundError(f"--sentences {path}: no such file (one sentence per line).")
+  sentences = read_sentences(path)
+  if not sentences:
+    raise ValueError(f"--sentences {path} has no non-empty lines.")
+  return sentences
+
+
+def _encoder(args):
+  from jaxquant import evaluate
+
+  _require_minilm(args.model)
+  if args.checkpoint:
+    folder = Path(args.checkpoint)
+    report = json.loads((folder / "report.json").read_text()) if (folder / "report.json").is_file() else None
+    if report is None:
+      raise FileNotFoundError(f"{folder} has no report.json; make it with `jaxquant quantize`.")
+    from jaxquant.rules import Recipe, Rule
+
+    rules = tuple(Rule(**r) for r in report["rules"])
+    recipe = Recipe(report["recipe"], rules, f"checkpoint {folder}")
+    return evaluate.minilm_encoder(recipe, qparams=io.load(folder))
+  return evaluate.minilm_encoder(args.recipe)
+
+
+def _require_minilm(model: str) -> None:
+  if model != "minilm":
+    raise ValueError(f"--model {model!r}: embed and eval run the MiniLM encoder; use --model minilm.")
+
+
+def cmd_embed(args) -> int:
+  import numpy as np
+
+  sentences = _read_lines(args.sentences)
+  encoder = _encoder(args)
+  emb = encoder.encode(sentences)
+  out = Path(args.out)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".npy")
+  with os.fdopen(fd, "wb") as f:
+    np.save(f, emb)
+  os.replace(tmp, out)
+  console.print(f"{len(sentences)} embeddings [{emb.shape[0]}, {emb.shape[1]}] -> {out} "
+                f"({encoder.name})")
+  return 0
+
+
+def cmd_eval(args) -> int:
+  from rich.table import Table
+
+  from jaxquant import data, evaluate
+
+  _require_minilm(args.model)
+  sentences = _read_lines(args.sentences) if args.sentences else data.evaluation_sentences(args.n)
+  names = [r.strip() for r in args.recipes.split(",") if r.strip()]
+  for name in names:  # fail on a bad name before any work
+    load_recipe(name)
+  reference = evaluate.minilm_encoder("fp32")
+  ref_emb, _ = evaluate.timed_encode(reference, sentences)
+  rows = []
+  for name in names:
+    encoder = evaluate.minilm_encoder(name)
+    emb, seconds = evaluate.timed_encode(encoder, sentences)
+    rows.append({"recipe": name, **evaluate.fidelity(ref_emb, emb), "weight_bytes": encoder.weight_bytes,
+                 "encoder_kernel_bytes": encoder.linear_bytes, "seconds": seconds})  # fmt: skip
+    console.print(f"{name}: mean cosine {rows[-1]['mean_cosine']:.5f}", highlight=False)
+  table = Table(title=f"all-MiniLM-L6-v2 on {len(sentences)} held-out sentences vs float32")
+  for col in ("recipe", "mean cos", "min cos", "top-5 agree", "weights MiB", "kernels MiB", "embed s"):
+    table.add_column(col, justify="left" if col == "recipe" else "right", no_wrap=True)
+  for r in rows:
+    table.add_row(r["recipe"], f"{r['mean_cosine']:.5f}", f"{r['min_cosine']:.5f}",
+                  f"{r['top5_agreement']:.3f}", f"{r['weight_bytes'] / 2**20:.1f}",
+                  f"{r['encoder_kernel_bytes'] / 2**20:.2f}", f"{r['seconds']:.2f}")  # fmt: skip
+  console.print(table)
+  if args.json:
+    path = Path(args.json)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _write_text_atomic(path, json.dumps({"sentences": len(sentences), "rows": rows}, indent=1))
+  return 0
+
+
 def cmd_recipes(args) -> int:
   for name in recipe_names():
     recipe = load_recipe(name)
@@ -149,6 +235,21 @@ def build_parser() -> argparse.ArgumentParser:
   p = sub.add_parser("plan", help="dry run: what a recipe would quantize, bytes before/after")
   model_args(p)
   p.set_defaults(func=cmd_plan)
+  e = sub.add_parser("embed", help="sentence embeddings with a quantized MiniLM")
+  e.add_argument("--model", default="minilm")
+  group = e.add_mutually_exclusive_group()
+  group.add_argument("--recipe", default="fp32", help="recipe to quantize with (default fp32)")
+  group.add_argument("--checkpoint", help="folder written by `jaxquant quantize`")
+  e.add_argument("--sentences", required=True, help="text file, one sentence per line")
+  e.add_argument("--out", required=True, help=".npy file for the [N, 384] embeddings")
+  e.set_defaults(func=cmd_embed)
+  v = sub.add_parser("eval", help="embedding fidelity of recipes against float32")
+  v.add_argument("--model", default="minilm")
+  v.add_argument("--recipes", default="fp32,bf16,w8,w8a8,w8a8-static,w4g128,w4g128-asym,nf4")
+  v.add_argument("--sentences", help="text file (default: held-out standard-library docstrings)")
+  v.add_argument("-n", type=int, default=512, help="number of default held-out sentences")
+  v.add_argument("--json", help="also write the results here")
+  v.set_defaults(func=cmd_eval)
   r = sub.add_parser("recipes", help="list the shipped recipes")
   r.set_defaults(func=cmd_recipes)
   return parser

@@ -63,7 +63,7 @@ def test_mse_clipping_cannot_rescue_per_channel_on_the_outlier_layer(kernels):
   assert mse <= absmax and mse > 0.015  # the error is spread, not in the clipped tail
 
 
-@pytest.mark.parametrize("recipe, limit", [("int8", 0.26), ("int4-g128", 0.14), ("int8-g128", 0.26)])
+@pytest.mark.parametrize("recipe, limit", [("int8", 0.26), ("w4g128", 0.14), ("w8g128", 0.26)])
 def test_file_size_on_disk(params, tmp_path, recipe, limit):
   rules = jq.load_recipe(recipe).rules
   q = jq.quantize_params(params, rules)
@@ -76,7 +76,7 @@ def test_file_size_on_disk(params, tmp_path, recipe, limit):
 
 def test_cli_quantize_writes_a_checkpoint_and_report(tmp_path, capsys):
   out = tmp_path / "minilm-int4"
-  assert cli.main(["quantize", "--model", "minilm", "--recipe", "int4-g128", "--out", str(out)]) == 0
+  assert cli.main(["quantize", "--model", "minilm", "--recipe", "w4g128", "--out", str(out)]) == 0
   printed = capsys.readouterr().out
   assert "encoder/layer_5/output/dense/kernel" in printed and "SNR dB" in printed
   report = json.loads((out / "report.json").read_text())

@@ -52,6 +52,20 @@ def _run_with_seams(module: nn.Module, seam_attr: str, cfg: common.LayerConfig, 
   return clone.apply(variables, *args, **kwargs)
 
 
+def _owns_qarrays(module: nn.Module) -> bool:
+  params = module.variables.get("params", {})
+  return any(isinstance(v, QArray) for v in params.values())
+
+
+def _run_dequantized(module: nn.Module, args, kwargs):
+  """Any other layer holding QArrays (an `nn.Embed` table...) runs on dequantized values."""
+  variables = dict(module.variables)
+  variables["params"] = {
+      k: v.dequantize() if isinstance(v, QArray) else v for k, v in variables["params"].items()
+  }
+  return module.clone(parent=None).apply(variables, *args, **kwargs)
+
+
 def _einsum(module: nn.Einsum, cfg: common.LayerConfig, args, kwargs):
   """`nn.Einsum.__call__` through `qeinsum` (Linen's Einsum has no contraction seam)."""
   inputs = args[0]
@@ -103,7 +117,8 @@ class QuantizedModel:
     common.check_mode(self.mode)
     self.rules = tuple(self.rules)
     self._configs: dict[str, common.LayerConfig] = {}
-    self._scales = None
+    # computed once, eagerly: inside `apply` they are constants, not per-call work
+    self._scales = self._static_scales() if self.mode != "calibrate" else {}
 
   def init(self, *args, **kwargs):
     return self.model.init(*args, **kwargs)
@@ -131,6 +146,8 @@ class QuantizedModel:
       if cfg is None:
         return next_fun(*args, **kwargs)
       return _einsum(module, cfg, args, kwargs)
+    if _owns_qarrays(module):
+      return _run_dequantized(module, args, kwargs)
     return next_fun(*args, **kwargs)
 
   def _static_scales(self):
@@ -150,8 +167,7 @@ class QuantizedModel:
     path to running activation statistics, updated from the `stats` passed in (None: fresh);
     `key` drives their random sampling.
     """
-    scales = self._static_scales() if self.mode != "calibrate" else {}
-    with common.call_state(scales, stats, key) as state, nn.intercept_methods(self._interceptor):
+    with common.call_state(self._scales, stats, key) as state, nn.intercept_methods(self._interceptor):
       out = self.model.apply(variables, *args, **kwargs)
     if self.mode == "calibrate":
       merged = dict(stats or {})
