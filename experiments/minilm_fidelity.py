@@ -29,8 +29,8 @@ def main() -> None:
             "--json", str(out)])  # fmt: skip
   result = json.loads(out.read_text())
   lines = [
-      f"Held-out sentences: {result['sentences']}; cosine and top-5 neighbour agreement against "
-      "the float32 embeddings; `embed s` is the wall time of one compiled pass on this machine.",
+      (f"Held-out sentences: {result['sentences']}; cosine and top-5 neighbour agreement against "
+       "the float32 embeddings; `embed s` is the wall time of one compiled pass on this machine."),
       "",
       "| recipe | mean cos | min cos | top-5 agree | weights MiB | encoder kernels MiB | embed s |",
       "|---|---|---|---|---|---|---|",

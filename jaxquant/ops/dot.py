@@ -98,7 +98,7 @@ def choose_lowering(
     mode: Mode = "serve",
 ) -> Lowering:
   """The lowering `qdot_general` takes for these operands (see `explain`)."""
-  (lc, rc), _ = _norm_dims(dims, lhs_ndim, getattr(rhs, "ndim", np.ndim(rhs)))
+  (_, rc), _ = _norm_dims(dims, lhs_ndim, getattr(rhs, "ndim", np.ndim(rhs)))
   if mode == "fake":
     return Lowering("float", "fake quantization: float dot of quantize-dequantized operands")
   if not isinstance(rhs, QArray):
