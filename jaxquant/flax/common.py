@@ -11,7 +11,7 @@ import contextlib
 import contextvars
 import dataclasses
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import jax
@@ -117,6 +117,7 @@ class _CallState:
   stats_in: dict[str, dict] | None
   stats_out: dict[str, dict]
   key: jax.Array | None
+  observer: Callable[[str, Any, jax.Array], Any] | None = None
 
 
 _STATE: contextvars.ContextVar[_CallState | None] = contextvars.ContextVar(
@@ -125,8 +126,11 @@ _STATE: contextvars.ContextVar[_CallState | None] = contextvars.ContextVar(
 
 
 @contextlib.contextmanager
-def call_state(scales=None, stats=None, key=None):
-  state = _CallState(dict(scales or {}), stats, {}, key)
+def call_state(scales=None, stats=None, key=None, observer=None):
+  """Context of one adapter call. ``observer(path, previous or None, x) -> new or None``
+  replaces the default activation statistics in calibrate mode (e.g. to accumulate ``XᵀX``
+  for GPTQ); returning None records nothing for that layer."""
+  state = _CallState(dict(scales or {}), stats, {}, key, observer)
   token = _STATE.set(state)
   try:
     yield state
@@ -142,6 +146,11 @@ def record(cfg: LayerConfig, x: jax.Array) -> None:
   previous = state.stats_out.get(cfg.path)
   if previous is None and state.stats_in is not None:
     previous = state.stats_in.get(cfg.path)
+  if state.observer is not None:
+    new = state.observer(cfg.path, previous, x)
+    if new is not None:
+      state.stats_out[cfg.path] = new
+    return
   if previous is None:
     previous = calibration.init_act_stats()
   key = state.key if state.key is not None else jax.random.key(0)

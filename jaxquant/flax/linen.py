@@ -160,14 +160,15 @@ class QuantizedModel:
     return common.scales_from_stats(self.calibration, configs)
 
   def apply(self, variables, *args, key: jax.Array | None = None, stats: dict | None = None,
-            **kwargs) -> Any:  # fmt: skip
+            observer=None, **kwargs) -> Any:  # fmt: skip
     """``model.apply`` with quantized layers.
 
     In calibrate mode returns ``(outputs, stats)``: `stats` maps each quantized layer's kernel
     path to running activation statistics, updated from the `stats` passed in (None: fresh);
-    `key` drives their random sampling.
+    `key` drives their random sampling; ``observer(path, previous, x) -> new`` replaces them
+    with any other per-layer accumulation of the layer inputs.
     """
-    with common.call_state(self._scales, stats, key) as state, nn.intercept_methods(self._interceptor):
+    with common.call_state(self._scales, stats, key, observer) as state, nn.intercept_methods(self._interceptor):
       out = self.model.apply(variables, *args, **kwargs)
     if self.mode == "calibrate":
       merged = dict(stats or {})
