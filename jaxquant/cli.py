@@ -67,14 +67,28 @@ def cmd_plan(args) -> int:
   return 0
 
 
+def _apply(args, params, recipe_name):
+  from jaxquant.ptq.recipes import apply_recipe
+
+  recipe = load_recipe(args.recipe)
+  if args.model == "minilm":
+    from jaxquant.evaluate import quantize_minilm
+
+    return quantize_minilm(recipe, params, progress=True)
+  return apply_recipe(recipe, params, progress=True)
+
+
 def cmd_quantize(args) -> int:
   params, plan, rules, recipe_name = _plan_for(args)
   start = time.perf_counter()
   with warnings.catch_warnings():
     warnings.simplefilter("ignore", UserWarning)  # unused rules are shown in the summary
-    qparams = transforms.quantize_params(params, rules, progress=True)
+    result = _apply(args, params, recipe_name)
+  qparams, rules = result.qparams, list(result.rules)
   elapsed = time.perf_counter() - start
-  originals = dict(transforms.named_leaves(params))
+  if rules != list(load_recipe(args.recipe).rules):  # e.g. mixed precision chose widths
+    plan = transforms.plan(params, rules)
+  originals = dict(transforms.named_leaves(result.reference or params))
   errors = {}
   for path, leaf in transforms.named_leaves(qparams):
     if path in {r.path for r in plan.quantized}:
@@ -113,6 +127,8 @@ def cmd_quantize(args) -> int:
       "seconds": elapsed,
       "errors": errors,
       "plan": plan.to_dict(),
+      "method": load_recipe(args.recipe).method,
+      "info": {k: v for k, v in result.info.items() if k != "errors"},
   }
   _write_text_atomic(out / "report.json", json.dumps(report, indent=1, default=_json_safe))
   return 0

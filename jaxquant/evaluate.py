@@ -19,7 +19,7 @@ from jaxquant import data
 from jaxquant.flax import quantize_model
 from jaxquant.models import minilm
 from jaxquant.rules import Recipe, Rule, load_recipe
-from jaxquant.transforms import named_leaves, quantize_params
+from jaxquant.transforms import dequantize_params, named_leaves
 
 CALIBRATION_SENTENCES = 256
 
@@ -47,6 +47,38 @@ def calibrate_minilm(
     stats = step({"params": params}, stats, jax.random.fold_in(key, i),
                  batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])  # fmt: skip
   return stats
+
+
+def minilm_batches(sentences: Sequence[str], batch_size: int = 32) -> list[tuple]:
+  """``(input_ids, attention_mask, token_type_ids)`` batches, sentences sorted by length so
+  that little padding enters the calibration statistics."""
+  tokenizer = minilm.load_tokenizer()
+  ordered = sorted(sentences, key=len)
+  batches = []
+  for start in range(0, len(ordered), batch_size):
+    b = minilm.tokenize(tokenizer, ordered[start : start + batch_size])
+    batches.append((b["input_ids"], b["attention_mask"], b["token_type_ids"]))
+  return batches
+
+
+def quantize_minilm(
+    recipe: str | Recipe,
+    params: dict | None = None,
+    calibration_sentences: Sequence[str] | None = None,
+    progress: bool = False,
+):
+  """`jaxquant.ptq.apply_recipe` on MiniLM, with calibration batches from real text and the
+  model's smoothing groups (where AWQ/SmoothQuant scales fold)."""
+  from jaxquant.ptq.recipes import NEEDS_DATA, apply_recipe
+
+  recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+  params = minilm.load_params() if params is None else params
+  batches = None
+  if recipe.method in NEEDS_DATA:
+    sentences = calibration_sentences or data.calibration_sentences(CALIBRATION_SENTENCES)
+    batches = minilm_batches(sentences)
+  return apply_recipe(recipe, params, minilm.MiniLM(), batches, minilm.smoothing_groups(),
+                      progress=progress)  # fmt: skip
 
 
 @dataclasses.dataclass
@@ -89,12 +121,13 @@ def minilm_encoder(
   recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
   params = minilm.load_params() if params is None else params
   rules = recipe.rules
+  sentences = calibration_sentences or data.calibration_sentences(CALIBRATION_SENTENCES)
   if qparams is None:
-    qparams = quantize_params(params, rules)
+    result = quantize_minilm(recipe, params, sentences)
+    qparams, rules = result.qparams, result.rules
   stats = None
   if needs_calibration(rules):
-    sentences = calibration_sentences or data.calibration_sentences(CALIBRATION_SENTENCES)
-    stats = calibrate_minilm(rules, params, sentences)
+    stats = calibrate_minilm(rules, dequantize_params(qparams), sentences)
   model = quantize_model(minilm.MiniLM(), rules, "serve", calibration=stats)
   total, kernels = _bytes(qparams)
   return Encoder(recipe.name, model.apply, {"params": qparams}, total, kernels)

@@ -93,16 +93,31 @@ def first_match(path: str, rules: Sequence[Rule]) -> int | None:
 
 
 # --------------------------------------------------------------------------- recipes
+METHODS = ("rtn", "gptq", "awq", "smoothquant", "hqq", "mixed")
+
+
 @dataclasses.dataclass(frozen=True)
 class Recipe:
-  """A named rule list with a description, as stored in ``configs/NAME.yaml``."""
+  """A named rule list, the PTQ method that applies it, and the method's options.
+
+  Stored as ``configs/NAME.yaml``; `method` is one of `METHODS` (``rtn`` is plain
+  round-to-nearest; the others live in `jaxquant.ptq` and `jaxquant.mixed`).
+  """
 
   name: str
   rules: tuple[Rule, ...]
   description: str = ""
+  method: str = "rtn"
+  options: dict = dataclasses.field(default_factory=dict)
+
+  def __post_init__(self):
+    if self.method not in METHODS:
+      raise ValueError(f"Recipe {self.name!r}: unknown method {self.method!r}; use one of "
+                       f"{', '.join(METHODS)}.")  # fmt: skip
 
   def to_yaml(self) -> str:
-    body = {"description": self.description, "rules": [r.to_dict() for r in self.rules]}
+    body = {"description": self.description, "method": self.method, "options": self.options,
+            "rules": [r.to_dict() for r in self.rules]}  # fmt: skip
     return yaml.safe_dump(body, sort_keys=False)
 
 
@@ -125,6 +140,11 @@ def load_recipe(name_or_path: str) -> Recipe:
     if not path.is_file():
       raise FileNotFoundError(f"Recipe file {path} does not exist.")
     return _parse_recipe(path.stem, path.read_text(), str(path))
+  mixed = re.fullmatch(r"mixed:avg_bits=(\d+(?:\.\d+)?)", name_or_path)
+  if mixed:
+    return Recipe(name_or_path, tuple(default_rules("int4:g128:asym")),
+                  f"per-layer widths from {{4, 8, 16}} bits averaging {mixed.group(1)}",
+                  "mixed", {"avg_bits": float(mixed.group(1))})  # fmt: skip
   shipped = _recipe_dir() / f"{name_or_path}.yaml"
   if shipped.is_file():
     return _parse_recipe(name_or_path, shipped.read_text(), f"configs/{name_or_path}.yaml")
@@ -133,7 +153,8 @@ def load_recipe(name_or_path: str) -> Recipe:
   except ValueError:
     raise ValueError(
         f"Unknown recipe {name_or_path!r}: not a shipped recipe ({', '.join(recipe_names())}), "
-        "not a .yaml file, and not a spec string such as 'int8' or 'int4:g128'."
+        "not a .yaml file, not 'mixed:avg_bits=N', and not a spec string such as 'int8' or "
+        "'int4:g128'."
     ) from None
   return Recipe(name_or_path, tuple(default_rules(spec)), f"default rules with weights {spec}")
 
@@ -142,9 +163,10 @@ def _parse_recipe(name: str, text: str, where: str) -> Recipe:
   data = yaml.safe_load(text)
   if not isinstance(data, dict) or not isinstance(data.get("rules"), list):
     raise ValueError(f"{where}: a recipe is a mapping with a 'rules' list.")  # noqa: TRY004
-  unknown = set(data) - {"description", "rules"}
+  unknown = set(data) - {"description", "rules", "method", "options"}
   if unknown:
-    raise ValueError(f"{where}: unknown keys {sorted(unknown)}; use 'description' and 'rules'.")
+    raise ValueError(f"{where}: unknown keys {sorted(unknown)}; use 'description', 'method', "
+                     "'options' and 'rules'.")  # fmt: skip
   rules = []
   for i, entry in enumerate(data["rules"]):
     if not isinstance(entry, dict) or "pattern" not in entry:
@@ -157,4 +179,11 @@ def _parse_recipe(name: str, text: str, where: str) -> Recipe:
                         bool(entry.get("expect_match", True))))
     except (ValueError, TypeError) as e:
       raise ValueError(f"{where}: rules[{i}]: {e}") from None
-  return Recipe(name, tuple(rules), str(data.get("description", "")))
+  options = data.get("options") or {}
+  if not isinstance(options, dict):
+    raise ValueError(f"{where}: 'options' must be a mapping.")
+  try:
+    return Recipe(name, tuple(rules), str(data.get("description", "")),
+                  str(data.get("method", "rtn")), dict(options))  # fmt: skip
+  except ValueError as e:
+    raise ValueError(f"{where}: {e}") from None

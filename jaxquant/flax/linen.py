@@ -31,6 +31,8 @@ from jaxquant.ops.einsum import expand_equation
 from jaxquant.qarray import QArray
 from jaxquant.rules import Rule
 
+INPUT_SCALE = "input_scale"  # see jaxquant.ptq.smooth
+
 _SEAMS = {nn.Dense: "dot_general", nn.DenseGeneral: "dot_general", nn.Conv: "conv_general_dilated"}
 _SEAM_TYPES = {"dot_general": common.DotSeam, "conv_general_dilated": common.ConvSeam}
 
@@ -48,21 +50,32 @@ def _run_with_seams(module: nn.Module, seam_attr: str, cfg: common.LayerConfig, 
   variables = dict(module.variables)
   params = dict(variables.get("params", {}))
   params["kernel"] = common.Operand(params["kernel"])
+  args = _divide_by_input_scale(params, args)
   variables["params"] = params
   return clone.apply(variables, *args, **kwargs)
 
 
-def _owns_qarrays(module: nn.Module) -> bool:
+def _divide_by_input_scale(params: dict, args: tuple) -> tuple:
+  """Smoothed layers (AWQ, SmoothQuant) without a fold keep ``input_scale``: ``x / s``."""
+  scale = params.pop(INPUT_SCALE, None)
+  if scale is None:
+    return args
+  return (args[0] / scale.astype(args[0].dtype),) + tuple(args[1:])
+
+
+def _needs_float_run(module: nn.Module) -> bool:
   params = module.variables.get("params", {})
-  return any(isinstance(v, QArray) for v in params.values())
+  return INPUT_SCALE in params or any(isinstance(v, QArray) for v in params.values())
 
 
-def _run_dequantized(module: nn.Module, args, kwargs):
-  """Any other layer holding QArrays (an `nn.Embed` table...) runs on dequantized values."""
+def _run_float(module: nn.Module, args, kwargs):
+  """A layer no rule quantizes but that holds QArrays (an `nn.Embed` table...) or an
+  ``input_scale`` runs in float: dequantized values, inputs divided by the scale."""
   variables = dict(module.variables)
-  variables["params"] = {
-      k: v.dequantize() if isinstance(v, QArray) else v for k, v in variables["params"].items()
-  }
+  params = {k: v.dequantize() if isinstance(v, QArray) else v
+            for k, v in variables["params"].items()}  # fmt: skip
+  args = _divide_by_input_scale(params, args)
+  variables["params"] = params
   return module.clone(parent=None).apply(variables, *args, **kwargs)
 
 
@@ -71,7 +84,8 @@ def _einsum(module: nn.Einsum, cfg: common.LayerConfig, args, kwargs):
   inputs = args[0]
   equation = kwargs.get("einsum_str", args[1] if len(args) > 1 else None) or module.einsum_str
   equation = equation.replace(" ", "")
-  params = module.variables["params"]
+  params = dict(module.variables["params"])
+  (inputs,) = _divide_by_input_scale(params, (inputs,))
   kernel, bias = params["kernel"], params.get("bias")
   dtype = module.dtype or jnp.result_type(inputs.dtype, kernel.dtype)
   inputs = inputs.astype(dtype)
@@ -138,16 +152,14 @@ class QuantizedModel:
       if isinstance(getattr(module, attr, None), (common.DotSeam, common.ConvSeam)):
         return next_fun(*args, **kwargs)  # already the seamed copy
       cfg = self._config_for(module)
-      if cfg is None:
-        return next_fun(*args, **kwargs)
-      return _run_with_seams(module, attr, cfg, args, kwargs)
-    if type(module) is nn.Einsum:
+      if cfg is not None:
+        return _run_with_seams(module, attr, cfg, args, kwargs)
+    elif type(module) is nn.Einsum:
       cfg = self._config_for(module)
-      if cfg is None:
-        return next_fun(*args, **kwargs)
-      return _einsum(module, cfg, args, kwargs)
-    if _owns_qarrays(module):
-      return _run_dequantized(module, args, kwargs)
+      if cfg is not None:
+        return _einsum(module, cfg, args, kwargs)
+    if _needs_float_run(module):
+      return _run_float(module, args, kwargs)
     return next_fun(*args, **kwargs)
 
   def _static_scales(self):

@@ -381,3 +381,28 @@ def embed(sentences: Sequence[str], params: dict | None = None, **kwargs) -> np.
   """`encode` with the float model and `params` (default: `load_params()`, loaded once)."""
   params = _float_params() if params is None else params
   return encode(None, {"params": params}, sentences, **kwargs)
+
+
+def smoothing_groups(num_layers: int = 6):
+  """Where AWQ/SmoothQuant input scales fold in MiniLM (`jaxquant.ptq.smooth.SmoothGroup`).
+
+  The attention output projection reads the value projection linearly (per channel, through
+  the attention weights), so its ``1/s`` folds into the value kernel's columns. Everything
+  else keeps an explicit input scale: in this post-LayerNorm BERT the LayerNorm outputs are
+  also the residual stream, so folding into them would change the model; the FFN output
+  projection reads GELU(·). q, k and v get scales of their own.
+  """
+  from jaxquant.ptq.smooth import SmoothGroup
+
+  groups = []
+  for i in range(num_layers):
+    layer = f"encoder/layer_{i}"
+    groups += [SmoothGroup((f"{layer}/attention/self/{n}/kernel",))
+               for n in ("query", "key", "value")]
+    groups += [
+        SmoothGroup((f"{layer}/attention/output/dense/kernel",),
+                    ("dense_out", f"{layer}/attention/self/value")),
+        SmoothGroup((f"{layer}/intermediate/dense/kernel",)),
+        SmoothGroup((f"{layer}/output/dense/kernel",)),
+    ]  # fmt: skip
+  return groups

@@ -42,7 +42,7 @@ def gptq_params(
     rules: Sequence[Rule],
     batches: Sequence[tuple],
     *,
-    config: GPTQConfig = GPTQConfig(),
+    config: GPTQConfig | None = None,
     block_pattern: str = DEFAULT_BLOCK,
     progress: bool = False,
 ) -> tuple[dict, dict]:
@@ -51,6 +51,7 @@ def gptq_params(
   Each block's Hessians come from a forward pass in which all earlier blocks already use
   their quantized weights. Returns ``(qparams, info per path)``.
   """
+  config = config or GPTQConfig()
   p = plan(params, rules)
   p.check()
   targets = {r.path: r.spec for r in p.quantized if gptq_eligible(r.spec, r.shape)}
@@ -69,6 +70,6 @@ def gptq_params(
                                     targets[path], config)  # fmt: skip
       done[path] = q
     replaced = {path: dequantize(done[path]) for path in block}
-    current = map_leaves(lambda path, v: replaced.get(path, v), current)
+    current = map_leaves(lambda path, v, r=replaced: r.get(path, v), current)
   qparams = map_leaves(lambda path, v: done.get(path, v), params)
   return quantize_params(qparams, rules), info

@@ -1,0 +1,173 @@
+"""GPTQ, AWQ, SmoothQuant, HQQ and mixed precision: against references and invariants."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxquant as jq
+from jaxquant import evaluate, mixed
+from jaxquant.numerics import codes, quantization_error
+from jaxquant.ptq import gptq as gptq_mod
+from jaxquant.ptq.hqq import hqq_quantize
+from jaxquant.ptq.smooth import SmoothGroup, apply_smoothing, awq_search, smoothquant_scales
+
+
+def _layer(seed=0, n_in=64, n_out=24, rows=512):
+  rng = np.random.default_rng(seed)
+  # correlated inputs with a few loud channels, like real activations
+  x = rng.normal(size=(rows, n_in)) @ rng.normal(size=(n_in, n_in)) * 0.3
+  x[:, :3] *= 8
+  w = rng.normal(size=(n_in, n_out)) * 0.1
+  return x.astype(np.float32), w.astype(np.float32)
+
+
+def reference_gptq(w, h, spec, damp=0.01, act_order=False):
+  """GPTQ written out directly: one row at a time, every later row updated at once."""
+  spec = jq.QuantSpec.parse(spec)
+  W, H = np.array(w, np.float64), np.array(h, np.float64)
+  dead = np.diag(H) == 0
+  H[dead, dead], W[dead, :] = 1.0, 0.0
+  group = spec.group_size if spec.granularity == "group" else None
+  fixed = None
+  if group is None or act_order:
+    blocks = range(0, W.shape[0], group or W.shape[0])
+    fixed = [gptq_mod.group_scales(W[g : g + (group or W.shape[0])], spec) for g in blocks]
+  perm = np.argsort(-np.diag(H), kind="stable") if act_order else np.arange(W.shape[0])
+  W, H = W[perm], H[perm][:, perm]
+  U, _ = gptq_mod.damped_inverse_factor(H, damp, 8)
+  out = np.zeros_like(W)
+  lo, hi = gptq_mod._grid(spec)
+  for i in range(W.shape[0]):
+    row = perm[i]
+    if fixed is not None:
+      scale, zero = fixed[0 if group is None else row // group]
+    elif row % group == 0:
+      scale, zero = gptq_mod.group_scales(W[i : i + group], spec)
+    c = np.clip(np.round(W[i] / scale) + zero, lo, hi)
+    out[i] = c
+    e = (W[i] - (c - zero) * scale) / U[i, i]
+    W[i:] -= np.outer(U[i, i:], e)
+  return out[np.argsort(perm)]
+
+
+@pytest.mark.parametrize(
+    "spec, act_order, block",
+    [("int4:g16:asym", False, 16), ("int4:g16", True, 32), ("int8", True, 8), ("int4", False, 64)],
+)
+def test_gptq_matches_a_direct_numpy_implementation(spec, act_order, block):
+  x, w = _layer()
+  h = x.T.astype(np.float64) @ x
+  q, _ = gptq_mod.gptq_quantize(w, h, spec, gptq_mod.GPTQConfig(act_order=act_order, block_size=block))
+  np.testing.assert_array_equal(np.asarray(codes(q)), reference_gptq(w, h, spec, act_order=act_order))
+
+
+@pytest.mark.parametrize("spec", ["int4:g16:asym", "int4:g16", "int8"])
+def test_gptq_output_error_beats_round_to_nearest(spec):
+  x, w = _layer(1)
+  q, _ = gptq_mod.gptq_quantize(w, x.T @ x, spec)
+  err = lambda qa: float(np.sum((x @ w - x @ np.asarray(jq.dequantize(qa))) ** 2))
+  assert err(q) < 0.8 * err(jq.quantize(w, spec))
+
+
+def test_gptq_raises_damping_when_cholesky_fails_and_handles_dead_inputs():
+  x, w = _layer(2, n_in=32)
+  h = x.T @ x
+  indefinite = h.copy()
+  indefinite[0, 1] = indefinite[1, 0] = 10 * np.sqrt(h[0, 0] * h[1, 1])  # not PSD any more
+  indefinite[5, :] = indefinite[:, 5] = 0.0  # a dead input
+  q, info = gptq_mod.gptq_quantize(w, indefinite, "int4:g16", gptq_mod.GPTQConfig(damp=1e-4))
+  assert info["damp"] > 1e-4 * np.mean(np.diag(indefinite)) and info["dead"] == 1
+  assert np.all(np.asarray(codes(q))[5] == 0)
+  with pytest.raises(ValueError, match="stays singular"):
+    gptq_mod.gptq_quantize(w, -np.eye(32), "int4:g16", gptq_mod.GPTQConfig(max_damp_tries=2))
+
+
+def test_gptq_rejects_specs_it_cannot_serve():
+  x, w = _layer()
+  with pytest.raises(ValueError, match="integer spec"):
+    gptq_mod.gptq_quantize(w, x.T @ x, "nf4:g16")
+
+
+# --------------------------------------------------------------------------- smoothing
+def test_smoothquant_scales_balance_activations_and_weights():
+  act = np.array([8.0, 1.0, 0.5])
+  w = np.array([[0.5, -0.1], [1.0, 0.2], [0.1, 0.1]])
+  s = smoothquant_scales(act, [w], alpha=0.5)
+  np.testing.assert_allclose(s, np.sqrt(act) / np.sqrt([0.5, 1.0, 0.1]), rtol=1e-6)
+  np.testing.assert_allclose(act / s, np.max(np.abs(w), 1) * s, rtol=1e-6)  # equal maxima
+
+
+def test_awq_search_is_never_worse_than_round_to_nearest():
+  x, w = _layer(3)
+  s, alpha, ratio = awq_search(x, np.mean(np.abs(x), 0), [w], jq.QuantSpec.parse("int4:g16:asym"))
+  assert ratio <= 1.0 and s.shape == (64,) and np.all(s > 0)
+  assert ratio < 0.95  # loud channels: scaling pays
+
+
+def test_folding_and_input_scales_leave_the_float_model_unchanged():
+  from jaxquant import flax as jqf
+  from jaxquant.models import minilm
+
+  pytest.importorskip(minilm.PACKAGE)
+  params = minilm.load_params()
+  groups = minilm.smoothing_groups()
+  rng = np.random.default_rng(0)
+  scales = {i: rng.uniform(0.5, 2.0, 384 if "output/dense" not in g.layers[0]
+                                        or "attention" in g.layers[0] else 1536)
+            for i, g in enumerate(groups)}  # fmt: skip
+  smoothed = apply_smoothing(params, groups, scales)
+  assert "input_scale" in smoothed["encoder"]["layer_0"]["output"]["dense"]
+  batch = evaluate.minilm_batches(["The quick brown fox jumps over the lazy dog.",
+                                      "Return a new view of the dictionary's keys."])[0]  # fmt: skip
+  model = jqf.quantize_model(minilm.MiniLM(), [], "fake")  # runs the layers through the seams
+  ref = minilm.MiniLM().apply({"params": params}, *batch)
+  out = model.apply({"params": smoothed}, *batch)
+  np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=2e-4)
+
+
+def test_fold_kinds_are_validated():
+  with pytest.raises(ValueError, match="Unknown fold kind"):
+    apply_smoothing({"a": {"kernel": jnp.ones((2, 2))}}, [SmoothGroup(("a/kernel",), ("x", "b"))],
+                    {0: np.ones(2)})  # fmt: skip
+
+
+# --------------------------------------------------------------------------- HQQ
+def test_hqq_lowers_the_robust_error_without_data():
+  w = np.asarray(jax.random.t(jax.random.key(0), 3.0, (256, 64)) * 0.05)
+  spec = "int4:g64:asym"
+  rtn, hqq = jq.quantize(w, spec), hqq_quantize(w, spec)
+  l07 = lambda q: float(np.sum(np.abs(w - np.asarray(jq.dequantize(q))) ** 0.7))
+  assert l07(hqq) < l07(rtn)
+  assert quantization_error(w, hqq)["rel_error"] < 1.05 * quantization_error(w, rtn)["rel_error"]
+  assert hqq.zero_point.dtype == jnp.float32 and hqq.packed
+
+
+def test_hqq_needs_an_asymmetric_integer_spec():
+  with pytest.raises(ValueError, match="asymmetric integer"):
+    hqq_quantize(jnp.ones((64, 4)), "int4:g64")
+
+
+# --------------------------------------------------------------------------- mixed
+def test_allocation_meets_the_budget_and_spends_it_where_it_pays():
+  sizes = {"a": 100, "b": 100, "c": 200}
+  errors = {"a": {4: 10.0, 8: 1.0, 16: 0.0}, "b": {4: 1.0, 8: 0.9, 16: 0.0},
+            "c": {4: 5.0, 8: 0.5, 16: 0.0}}  # fmt: skip
+  bits = mixed.allocate(sizes, errors, avg_bits=5.0)
+  assert mixed.average_bits(bits, sizes) <= 5.0
+  assert bits == {"a": 8, "b": 4, "c": 4}  # a buys the most error per bit
+  assert mixed.allocate(sizes, errors, avg_bits=4.0) == {"a": 4, "b": 4, "c": 4}
+  more = mixed.allocate(sizes, errors, avg_bits=8.0)
+  total = lambda b: sum(errors[p][b[p]] for p in b)
+  assert total(more) < total(bits) and mixed.average_bits(more, sizes) <= 8.0
+
+
+def test_mixed_rules_are_an_ordinary_editable_rule_list():
+  rules = mixed.mixed_rules({"enc/layer_0/q/kernel": 8, "enc/layer_1/q/kernel": 4},
+                            base=jq.default_rules("int4:g16"))  # fmt: skip
+  params = {"enc": {f"layer_{i}": {"q": {"kernel": jnp.ones((32, 32))}} for i in range(2)}}
+  p = jq.plan(params, rules)
+  specs = {r.path: str(r.spec) for r in p.rows}
+  assert specs == {"enc/layer_0/q/kernel": "int8", "enc/layer_1/q/kernel": "int4:g128:asym"}
+  recipe = jq.rules.Recipe("mine", tuple(rules), method="gptq")
+  assert "int4:g128:asym" in recipe.to_yaml()
