@@ -78,7 +78,12 @@ def quantize_minilm(
     sentences = calibration_sentences or data.calibration_sentences(CALIBRATION_SENTENCES)
     batches = minilm_batches(sentences)
   return apply_recipe(recipe, params, minilm.MiniLM(), batches, minilm.smoothing_groups(),
-                      progress=progress)  # fmt: skip
+                      progress=progress, output_fn=_sentence_embedding)  # fmt: skip
+
+
+def _sentence_embedding(hidden, batch):
+  """What MiniLM is used for: the normalised mean over real tokens."""
+  return minilm.l2_normalize(minilm.mean_pool(hidden, batch[1]))
 
 
 @dataclasses.dataclass

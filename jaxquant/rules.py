@@ -181,7 +181,7 @@ def _parse_recipe(name: str, text: str, where: str) -> Recipe:
       raise ValueError(f"{where}: rules[{i}]: {e}") from None
   options = data.get("options") or {}
   if not isinstance(options, dict):
-    raise ValueError(f"{where}: 'options' must be a mapping.")
+    raise ValueError(f"{where}: 'options' must be a mapping.")  # noqa: TRY004
   try:
     return Recipe(name, tuple(rules), str(data.get("description", "")),
                   str(data.get("method", "rtn")), dict(options))  # fmt: skip

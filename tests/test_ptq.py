@@ -100,7 +100,7 @@ def test_smoothquant_scales_balance_activations_and_weights():
 
 def test_awq_search_is_never_worse_than_round_to_nearest():
   x, w = _layer(3)
-  s, alpha, ratio = awq_search(x, np.mean(np.abs(x), 0), [w], jq.QuantSpec.parse("int4:g16:asym"))
+  s, _, ratio = awq_search(x, np.mean(np.abs(x), 0), [w], jq.QuantSpec.parse("int4:g16:asym"))
   assert ratio <= 1.0 and s.shape == (64,) and np.all(s > 0)
   assert ratio < 0.95  # loud channels: scaling pays
 
