@@ -192,64 +192,57 @@ def _op_mode(cfg: LayerConfig) -> str:
 
 
 @dataclasses.dataclass(frozen=True)
-class DotSeam:
-  """Stands in for ``lax.dot_general`` inside a layer."""
+class _Seam:
+  """Shared by the seams: calibrate records the input and runs in float; serve and fake run
+  the quantized op with the layer's specs (and its static activation scale, if any)."""
 
   cfg: LayerConfig
+
+  def _run(self, lhs, rhs, float_op, quant_op):
+    rhs = _unwrap(rhs)
+    if self.cfg.mode == "calibrate":
+      record(self.cfg, lhs)
+      return float_op(lhs, rhs.dequantize(lhs.dtype) if isinstance(rhs, QArray) else rhs)
+    scale, zp = static_scale(self.cfg)
+    return quant_op(
+        lhs, rhs, lhs_spec=self.cfg.act,
+        rhs_spec=None if isinstance(rhs, QArray) else self.cfg.weight,
+        lhs_scale=scale, lhs_zero_point=zp, mode=_op_mode(self.cfg),
+    )  # fmt: skip
+
+
+class DotSeam(_Seam):
+  """Stands in for ``lax.dot_general`` inside a layer."""
 
   def __call__(self, lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None,
                **kwargs):  # fmt: skip
-    rhs = _unwrap(rhs)
-    if self.cfg.mode == "calibrate":
-      record(self.cfg, lhs)
-      w = rhs.dequantize(lhs.dtype) if isinstance(rhs, QArray) else rhs
-      return lax.dot_general(lhs, w, dimension_numbers, precision=precision,
-                             preferred_element_type=preferred_element_type)  # fmt: skip
-    scale, zp = static_scale(self.cfg)
-    return qdot_general(
-        lhs, rhs, dimension_numbers, precision, preferred_element_type,
-        lhs_spec=self.cfg.act, rhs_spec=None if isinstance(rhs, QArray) else self.cfg.weight,
-        lhs_scale=scale, lhs_zero_point=zp, mode=_op_mode(self.cfg),
+    kw = {"precision": precision, "preferred_element_type": preferred_element_type}
+    return self._run(
+        lhs, rhs,
+        lambda x, w: lax.dot_general(x, w, dimension_numbers, **kw),
+        lambda x, w, **q: qdot_general(x, w, dimension_numbers, **kw, **q),
     )  # fmt: skip
 
 
-@dataclasses.dataclass(frozen=True)
-class EinsumSeam:
+class EinsumSeam(_Seam):
   """Stands in for ``jnp.einsum`` inside a layer (two operands, lhs the input)."""
-
-  cfg: LayerConfig
 
   def __call__(self, subscripts, lhs, rhs, precision=None, preferred_element_type=None,
                **kwargs):  # fmt: skip
-    rhs = _unwrap(rhs)
-    if self.cfg.mode == "calibrate":
-      record(self.cfg, lhs)
-      w = rhs.dequantize(lhs.dtype) if isinstance(rhs, QArray) else rhs
-      return jnp.einsum(subscripts, lhs, w, precision=precision,
-                        preferred_element_type=preferred_element_type)  # fmt: skip
-    scale, zp = static_scale(self.cfg)
-    return qeinsum(
-        subscripts, lhs, rhs, precision=precision, preferred_element_type=preferred_element_type,
-        lhs_spec=self.cfg.act, rhs_spec=None if isinstance(rhs, QArray) else self.cfg.weight,
-        lhs_scale=scale, lhs_zero_point=zp, mode=_op_mode(self.cfg),
+    kw = {"precision": precision, "preferred_element_type": preferred_element_type}
+    return self._run(
+        lhs, rhs,
+        lambda x, w: jnp.einsum(subscripts, x, w, **kw),
+        lambda x, w, **q: qeinsum(subscripts, x, w, **kw, **q),
     )  # fmt: skip
 
 
-@dataclasses.dataclass(frozen=True)
-class ConvSeam:
+class ConvSeam(_Seam):
   """Stands in for ``lax.conv_general_dilated`` inside a layer."""
 
-  cfg: LayerConfig
-
   def __call__(self, lhs, rhs, *args, **kwargs):
-    rhs = _unwrap(rhs)
-    if self.cfg.mode == "calibrate":
-      record(self.cfg, lhs)
-      w = rhs.dequantize(lhs.dtype) if isinstance(rhs, QArray) else rhs
-      return lax.conv_general_dilated(lhs, w, *args, **kwargs)
-    scale, _ = static_scale(self.cfg)
-    return qconv(
-        lhs, rhs, *args, lhs_spec=self.cfg.act,
-        rhs_spec=None if isinstance(rhs, QArray) else self.cfg.weight,
-        lhs_scale=scale, mode=_op_mode(self.cfg), **kwargs,
-    )  # fmt: skip
+    return self._run(
+        lhs, rhs,
+        lambda x, w: lax.conv_general_dilated(x, w, *args, **kwargs),
+        lambda x, w, **q: qconv(x, w, *args, **kwargs, **q),
+    )

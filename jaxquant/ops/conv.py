@@ -12,8 +12,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxquant.numerics import dequantize, fake_quant, fake_quant_along, quantize, quantize_along
-from jaxquant.ops.dot import Lowering, Mode
+from jaxquant.numerics import fake_quant_along, quantize, quantize_along
+from jaxquant.ops.dot import Lowering, Mode, float_weights
 from jaxquant.qarray import QArray
 from jaxquant.spec import QuantSpec, SpecLike, as_spec
 
@@ -52,6 +52,7 @@ def qconv(
     lhs_spec: SpecLike | None = None,
     rhs_spec: SpecLike | None = None,
     lhs_scale: jax.Array | None = None,
+    lhs_zero_point: jax.Array | None = None,
     mode: Mode = "serve",
     out_dtype=None,
     **kwargs,
@@ -76,16 +77,11 @@ def qconv(
     shape[dn.out_spec[1]] = s_rhs.shape[0]
     out = acc.astype(jnp.float32) * jnp.reshape(s_lhs, ()) * s_rhs.reshape(shape)
     return out.astype(out_dtype)
-  if isinstance(rhs, QArray):
-    w = dequantize(rhs, lhs.dtype)
-  elif rhs_spec is not None:
-    w = fake_quant(jnp.asarray(rhs), rhs_spec)
-  else:
-    w = jnp.asarray(rhs)
+  w = float_weights(rhs, rhs_spec, lhs.dtype)
   x = lhs
   if lhs_spec is not None:
     axes = tuple(range(lhs.ndim)) if lhs_spec.granularity == "tensor" else (dn.lhs_spec[1],)
-    x = fake_quant_along(lhs, lhs_spec, axes, scale=lhs_scale)
+    x = fake_quant_along(lhs, lhs_spec, axes, scale=lhs_scale, zero_point=lhs_zero_point)
   out = conv(x, w.astype(x.dtype), precision=precision,
              preferred_element_type=preferred_element_type)  # fmt: skip
   return out.astype(out_dtype)

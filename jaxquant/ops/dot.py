@@ -189,12 +189,7 @@ def qdot_general(
     return (acc.astype(jnp.float32) * s_l * s_r).astype(out_dtype)
 
   # float paths: weights dequantized (or fake-quantized), activations quantize-dequantized
-  if isinstance(rhs, QArray):
-    w = dequantize(rhs, lhs.dtype)
-  elif rhs_spec is not None:
-    w = fake_quant(jnp.asarray(rhs), rhs_spec)
-  else:
-    w = jnp.asarray(rhs)
+  w = float_weights(rhs, rhs_spec, lhs.dtype)
   x = lhs
   if lhs_spec is not None:
     axes = activation_axes(lhs_spec, lhs.ndim, lc)
@@ -202,6 +197,15 @@ def qdot_general(
   out = lax.dot_general(x, w.astype(x.dtype), dims, precision=precision,
                         preferred_element_type=preferred_element_type)  # fmt: skip
   return out.astype(out_dtype)
+
+
+def float_weights(rhs, rhs_spec: QuantSpec | None, dtype) -> jax.Array:
+  """Weights for a float contraction: dequantized QArray, fake-quantized, or as they are."""
+  if isinstance(rhs, QArray):
+    return dequantize(rhs, dtype)
+  if rhs_spec is not None:
+    return fake_quant(jnp.asarray(rhs), rhs_spec)
+  return jnp.asarray(rhs)
 
 
 def _keep_shape(shape: tuple[int, ...], axes: tuple[int, ...]) -> tuple[int, ...]:
