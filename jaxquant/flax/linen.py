@@ -44,15 +44,38 @@ def _promote(*args, dtype=None, inexact=True):
 
 def _run_with_seams(module: nn.Module, seam_attr: str, cfg: common.LayerConfig, args, kwargs):
   """Runs `module`'s own ``__call__`` with the jaxquant seams, on its own variables."""
+  variables = dict(module.variables)
+  params = dict(variables.get("params", {}))
+  args = _divide_by_input_scale(params, args)
+  cfg, args = _learned_quantizers(cfg, params, args)
   seam = _SEAM_TYPES[seam_attr](cfg)
   overrides = {seam_attr: seam, f"{seam_attr}_cls": None, "promote_dtype": _promote}
   clone = module.clone(parent=None, **overrides)
-  variables = dict(module.variables)
-  params = dict(variables.get("params", {}))
   params["kernel"] = common.Operand(params["kernel"])
-  args = _divide_by_input_scale(params, args)
   variables["params"] = params
   return clone.apply(variables, *args, **kwargs)
+
+
+def _learned_quantizers(cfg: common.LayerConfig, params: dict, args: tuple):
+  """QAT with learned quantizers: ``lsq_scale`` fake-quantizes the kernel with its learned
+  step, ``pact_alpha`` clips and quantizes the input; the seam then skips those specs."""
+  from jaxquant.training.quantizers import LSQ, PACT, lsq_fake_quant, pact_fake_quant
+
+  scale, alpha = params.pop(LSQ, None), params.pop(PACT, None)
+  if cfg.mode != "fake":
+    if scale is not None or alpha is not None:
+      raise ValueError(
+          f"{cfg.path}: learned quantizer parameters ({LSQ}/{PACT}) are for fake mode; turn a "
+          "QAT result into serving params with jaxquant.training.convert."
+      )
+    return cfg, args
+  if scale is not None and cfg.weight is not None:
+    params["kernel"] = lsq_fake_quant(params["kernel"], scale, cfg.weight)
+    cfg = dataclasses.replace(cfg, weight=None)
+  if alpha is not None and cfg.act is not None:
+    args = (pact_fake_quant(args[0], alpha, cfg.act),) + tuple(args[1:])
+    cfg = dataclasses.replace(cfg, act=None)
+  return cfg, args
 
 
 def _divide_by_input_scale(params: dict, args: tuple) -> tuple:
