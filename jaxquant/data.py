@@ -151,3 +151,48 @@ def write_sentences(path: str | os.PathLike, sentences: list[str]) -> Path:
 def read_sentences(path: str | os.PathLike) -> list[str]:
   """The sentences `write_sentences` wrote, one a line."""
   return Path(path).read_text(encoding="utf-8").splitlines()
+
+
+# --------------------------------------------------------------------------- source bytes
+HELDOUT_EVERY = 10  # one file in ten (by a hash of its path) is held out
+
+
+def _is_heldout(relative: str) -> bool:
+  import zlib
+
+  return zlib.crc32(relative.encode()) % HELDOUT_EVERY == 0
+
+
+@functools.lru_cache(maxsize=4)
+def stdlib_source(split: str = "train", max_bytes: int = 8 << 20) -> np.ndarray:
+  """The standard library's own ``.py`` source as bytes (``uint8 [N]``), for byte-level LMs.
+
+  Files (test folders and ``site-packages`` excluded) are split by a fixed hash of their
+  relative path: ``heldout`` is about one file in ten, ``train`` the rest; each split is the
+  concatenation of its files in sorted order, cut at `max_bytes`.
+  """
+  if split not in ("train", "heldout"):
+    raise ValueError(f"split must be 'train' or 'heldout', got {split!r}.")
+  root = stdlib_dir()
+  chunks, total = [], 0
+  for f in sorted(root.rglob("*.py")):
+    rel = f.relative_to(root)
+    if _SKIP_DIRS & set(rel.parts) or "site-packages" in rel.parts:
+      continue
+    if _is_heldout(str(rel)) != (split == "heldout"):
+      continue
+    try:
+      data = f.read_bytes()
+    except OSError:
+      continue
+    chunks.append(data + b"\n\n")
+    total += len(data) + 2
+    if total >= max_bytes:
+      break
+  return np.frombuffer(b"".join(chunks)[:max_bytes], np.uint8)
+
+
+def byte_windows(data: np.ndarray, batch: int, length: int, rng: np.random.Generator):
+  """``uint8 [batch, length]`` windows of `data` at random offsets."""
+  starts = rng.integers(0, len(data) - length, size=batch)
+  return np.stack([data[s : s + length] for s in starts])
