@@ -8,9 +8,11 @@ Operands are float arrays or `QArray`s; `lhs_spec` quantizes the activations. Tw
   ``acc · s_lhs · s_rhs``. Otherwise the weights are dequantized inside the jitted computation
   (weight-only; 4-bit codes are unpacked in the graph) and the activations, if a spec asks, are
   quantized and dequantized.
-* ``fake``: ``dot_general(fake_quant(lhs), fake_quant(rhs))`` in float, with straight-through
+* ``fake``: ``dot_general(fake_quant(lhs), fake_quant(rhs))`` with straight-through
   gradients, using the same specs and the same scale computation as serve mode, so
-  ``serve ≈ fake`` up to float rounding: ``s_l s_r Σ q_l q_r = Σ (s_l q_l)(s_r q_r)``.
+  ``serve ≈ fake`` up to float rounding: ``s_l s_r Σ q_l q_r = Σ (s_l q_l)(s_r q_r)``. When
+  both sides are symmetric int8 with scales constant along the contraction, that identity
+  lets the fake forward run the serve lowering itself (``int8-ste``, see `fake_int8`).
 
 `explain` says which lowering a call takes, and why.
 """
@@ -33,6 +35,7 @@ from jaxquant.numerics import (
     quantize,
     quantize_along,
 )
+from jaxquant.ops.fake_int8 import ste_int8_dot_general, ste_int8_reason
 from jaxquant.qarray import QArray
 from jaxquant.spec import QuantSpec, SpecLike, as_spec
 
@@ -46,7 +49,7 @@ DotDims = tuple[tuple[tuple[int, ...], tuple[int, ...]], tuple[tuple[int, ...], 
 class Lowering:
   """The chosen way to compute a quantized contraction."""
 
-  name: Literal["int8", "dequant", "float"]
+  name: Literal["int8", "int8-ste", "dequant", "float"]
   reason: str
 
   def __str__(self) -> str:
@@ -96,10 +99,16 @@ def choose_lowering(
     dims: DotDims,
     lhs_spec: QuantSpec | None,
     mode: Mode = "serve",
+    rhs_spec: QuantSpec | None = None,
 ) -> Lowering:
   """The lowering `qdot_general` takes for these operands (see `explain`)."""
-  (_, rc), _ = _norm_dims(dims, lhs_ndim, getattr(rhs, "ndim", np.ndim(rhs)))
+  rhs_ndim = getattr(rhs, "ndim", np.ndim(rhs))
+  (_, rc), _ = _norm_dims(dims, lhs_ndim, rhs_ndim)
   if mode == "fake":
+    why = ste_int8_reason(lhs_spec, rhs_spec, rhs_ndim, rc)
+    if why is None and not isinstance(rhs, QArray):
+      return Lowering("int8-ste", "fake W8A8 on the serve path: i8 x i8 -> i32 forward, "
+                      "straight-through float backward")  # fmt: skip
     return Lowering("float", "fake quantization: float dot of quantize-dequantized operands")
   if not isinstance(rhs, QArray):
     if lhs_spec is None:
@@ -175,8 +184,13 @@ def qdot_general(
   (lc, rc), (lb, rb) = dims
   if mode == "serve" and rhs_spec is not None and not isinstance(rhs, QArray):
     rhs = quantize(rhs, rhs_spec)
-  lowering = choose_lowering(lhs.ndim, rhs, dims, lhs_spec, mode)
+  lowering = choose_lowering(lhs.ndim, rhs, dims, lhs_spec, mode, rhs_spec)
   log.debug("qdot_general %s x %s: %s", lhs.shape, getattr(rhs, "shape", None), lowering)
+
+  if lowering.name == "int8-ste":
+    axes = activation_axes(lhs_spec, lhs.ndim, lc)
+    out = ste_int8_dot_general(lhs, jnp.asarray(rhs), dims, lhs_spec, rhs_spec, axes, lhs_scale)
+    return out.astype(out_dtype)
 
   if lowering.name == "int8":
     axes = activation_axes(lhs_spec, lhs.ndim, lc)
@@ -218,6 +232,7 @@ def explain(
     dimension_numbers: DotDims | None = None,
     lhs_spec: SpecLike | None = None,
     mode: Mode = "serve",
+    rhs_spec: SpecLike | None = None,
 ) -> Lowering:
   """Which lowering `qdot_general` picks for these operands, and why.
 
@@ -226,4 +241,5 @@ def explain(
   """
   if dimension_numbers is None:
     dimension_numbers = (((len(lhs.shape) - 1,), (0,)), ((), ()))
-  return choose_lowering(len(lhs.shape), rhs, dimension_numbers, as_spec(lhs_spec), mode)
+  return choose_lowering(len(lhs.shape), rhs, dimension_numbers, as_spec(lhs_spec), mode,
+                         as_spec(rhs_spec))  # fmt: skip
