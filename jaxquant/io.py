@@ -95,6 +95,8 @@ def save(path: str | os.PathLike, tree) -> Path:
           "shape": list(leaf.shape), "dtype": np.dtype(leaf.dtype).name, "packed": leaf.packed,
           "children": [],
       }  # fmt: skip
+      if leaf.perm is not None:
+        entry["perm"] = list(leaf.perm)
       for child in _CHILDREN:
         value = getattr(leaf, child)
         if value is not None:
@@ -186,7 +188,7 @@ def load(path: str | os.PathLike):
         leaf = QArray(
             children.get("values"), children.get("scale"), children.get("zero_point"),
             QuantSpec.parse(entry["spec"]), tuple(entry["shape"]), np.dtype(entry["dtype"]),
-            bool(entry["packed"]),
+            bool(entry["packed"]), tuple(entry["perm"]) if entry.get("perm") else None,
         )  # fmt: skip
     except KeyError as e:
       raise ValueError(f"{path}: tensor {e} listed in the header is missing; file is corrupt.")

@@ -246,10 +246,12 @@ def quantize(
 
 def codes(q: QArray) -> jax.Array:
   """The unpacked integer codes of `q` in its logical shape."""
-  if not q.packed:
-    return q.values
-  n = q.shape[-1] if q.shape else 1
-  return unpack_4bit(q.values, n, q.spec.info.signed).reshape(q.shape)
+  stored = q.stored_shape
+  c = q.values
+  if q.packed:
+    n = stored[-1] if stored else 1
+    c = unpack_4bit(c, n, q.spec.info.signed).reshape(stored)
+  return c if q.perm is None else jnp.transpose(c, tuple(np.argsort(q.perm)))
 
 
 def dequantize(q: QArray, dtype=None) -> jax.Array:

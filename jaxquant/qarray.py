@@ -32,6 +32,10 @@ class QArray:
     shape: the logical (dequantized) shape.
     dtype: the dtype `dequantize` returns by default (the original one).
     packed: whether two 4-bit codes share each byte of `values`.
+    perm: None when `values` holds the codes in logical axis order; otherwise `values` holds
+      ``transpose(codes, perm)`` (packed along its own last axis), e.g. ``(1, 0)`` for a
+      ``[in, out]`` kernel stored ``[out, in]``, the contraction-minor layout integer dots
+      are fastest with on CPU (`jaxquant.ops.serving_layout`). Scales keep the logical layout.
   """
 
   values: jax.Array
@@ -41,6 +45,12 @@ class QArray:
   shape: tuple[int, ...]
   dtype: np.dtype
   packed: bool = False
+  perm: tuple[int, ...] | None = None
+
+  @property
+  def stored_shape(self) -> tuple[int, ...]:
+    """The logical shape in the axis order of `values` (before packing)."""
+    return self.shape if self.perm is None else tuple(self.shape[a] for a in self.perm)
 
   @property
   def ndim(self) -> int:
@@ -76,25 +86,27 @@ class QArray:
     return (
         f"QArray(spec='{self.spec}', shape={self.shape}, dtype={np.dtype(self.dtype).name}, "
         f"values={getattr(self.values, 'dtype', '?')}{list(getattr(self.values, 'shape', []))}"
-        f"{', packed' if self.packed else ''})"
+        f"{', packed' if self.packed else ''}{f', perm={self.perm}' if self.perm else ''})"
     )
 
 
 jax.tree_util.register_dataclass(
     QArray,
     data_fields=["values", "scale", "zero_point"],
-    meta_fields=["spec", "shape", "dtype", "packed"],
+    meta_fields=["spec", "shape", "dtype", "packed", "perm"],
 )
 
 
 def _serialize_meta(meta) -> bytes:
-  spec, shape, dtype, packed = meta
-  return json.dumps([str(spec), list(shape), np.dtype(dtype).name, packed]).encode()
+  spec, shape, dtype, packed, perm = meta
+  fields = [str(spec), list(shape), np.dtype(dtype).name, packed]
+  return json.dumps(fields + ([list(perm)] if perm is not None else [])).encode()
 
 
 def _deserialize_meta(data: bytes):
-  spec, shape, dtype, packed = json.loads(data)
-  return (QuantSpec.parse(spec), tuple(shape), np.dtype(dtype), packed)
+  spec, shape, dtype, packed, *perm = json.loads(data)
+  perm = tuple(perm[0]) if perm else None
+  return (QuantSpec.parse(spec), tuple(shape), np.dtype(dtype), packed, perm)
 
 
 # Lets `jax.export` serialize functions that take or return QArrays.
@@ -133,9 +145,10 @@ def qarray_sharding(q: QArray, sharding: NamedSharding) -> QArray:
     parts = tuple(p if d > 1 else None for p, d in zip(child_spec, child.shape))
     return NamedSharding(sharding.mesh, PartitionSpec(*parts))
 
+  stored = logical if q.perm is None else tuple(logical[a] for a in q.perm)
   return dataclasses.replace(
       q,
-      values=for_child(q.values, logical),
+      values=for_child(q.values, stored),
       scale=for_child(q.scale, view),
       zero_point=for_child(q.zero_point, view),
   )

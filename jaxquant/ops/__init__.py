@@ -3,6 +3,8 @@
 from jaxquant.ops.conv import qconv
 from jaxquant.ops.dot import Lowering, choose_lowering, explain, qdot_general
 from jaxquant.ops.einsum import einsum_dims, qeinsum
+from jaxquant.ops.lowerings import LOWERINGS, contraction_minor, lowering_scope, serving_layout
 
-__all__ = ["Lowering", "choose_lowering", "einsum_dims", "explain", "qconv", "qdot_general",
-           "qeinsum"]  # fmt: skip
+__all__ = ["LOWERINGS", "Lowering", "choose_lowering", "contraction_minor", "einsum_dims",
+           "explain", "lowering_scope", "qconv", "qdot_general", "qeinsum",
+           "serving_layout"]  # fmt: skip

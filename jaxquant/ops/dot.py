@@ -14,7 +14,9 @@ Operands are float arrays or `QArray`s; `lhs_spec` quantizes the activations. Tw
   both sides are symmetric int8 with scales constant along the contraction, that identity
   lets the fake forward run the serve lowering itself (``int8-ste``, see `fake_int8`).
 
-`explain` says which lowering a call takes, and why.
+Serve-mode integer lowerings (``int8`` with row padding and layout, ``w4a8``) and how they
+are chosen per backend and shape live in `jaxquant.ops.lowerings`; `lowering=` (or
+`lowering_scope`) forces one. `explain` says which lowering a call takes, and why.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from jaxquant.numerics import (
     quantize,
     quantize_along,
 )
+from jaxquant.ops import lowerings as low
 from jaxquant.ops.fake_int8 import ste_int8_dot_general, ste_int8_reason
 from jaxquant.qarray import QArray
 from jaxquant.spec import QuantSpec, SpecLike, as_spec
@@ -49,11 +52,14 @@ DotDims = tuple[tuple[tuple[int, ...], tuple[int, ...]], tuple[tuple[int, ...], 
 class Lowering:
   """The chosen way to compute a quantized contraction."""
 
-  name: Literal["int8", "int8-ste", "dequant", "float"]
+  name: Literal["int8", "int8-ste", "w4a8", "dequant", "float"]
   reason: str
+  pad_rows: int = 0  # zero rows added before the integer dot (XLA:CPU's slow 1-row path)
+  activations: str | None = None  # int8 activation spec of the integer paths ("dynamic" added)
 
   def __str__(self) -> str:
-    return f"{self.name}: {self.reason}"
+    pad = f" [+{self.pad_rows} row pad]" if self.pad_rows else ""
+    return f"{self.name}: {self.reason}{pad}"
 
 
 # --------------------------------------------------------------------------- helpers
@@ -100,8 +106,16 @@ def choose_lowering(
     lhs_spec: QuantSpec | None,
     mode: Mode = "serve",
     rhs_spec: QuantSpec | None = None,
+    *,
+    lhs_shape: tuple[int, ...] | None = None,
+    lowering: str | None = None,
+    backend: str | None = None,
 ) -> Lowering:
-  """The lowering `qdot_general` takes for these operands (see `explain`)."""
+  """The lowering `qdot_general` takes for these operands (see `explain`).
+
+  `lhs_shape` (rows to pad, rows × groups for ``w4a8``), `lowering` (force one; default from
+  `lowering_scope`) and `backend` (default ``jax.default_backend()``) refine serve mode.
+  """
   rhs_ndim = getattr(rhs, "ndim", np.ndim(rhs))
   (_, rc), _ = _norm_dims(dims, lhs_ndim, rhs_ndim)
   if mode == "fake":
@@ -114,15 +128,57 @@ def choose_lowering(
     if lhs_spec is None:
       return Lowering("float", "no quantized operand")
     return Lowering("float", "float weights; activations quantize-dequantized")
-  if lhs_spec is None:
+  return _choose_serve(lhs_ndim, rhs, _norm_dims(dims, lhs_ndim, rhs_ndim), lhs_spec, lhs_shape,
+                       lowering, backend)  # fmt: skip
+
+
+def _act_reason(spec: QuantSpec) -> str | None:
+  if spec.format != "int8" or not spec.symmetric:
+    return f"activations are {spec}, not symmetric int8"
+  if spec.granularity not in ("token", "tensor"):
+    return f"activation granularity {spec.granularity} varies along the contraction"
+  return None
+
+
+def _choose_serve(lhs_ndim, rhs: QArray, dims, lhs_spec, lhs_shape, force, backend) -> Lowering:
+  """Serve mode with quantized weights: integer lowerings where they apply and pay."""
+  (_, rc), _ = dims
+  opts = low.current_options()
+  force = force or opts.force
+  backend = backend or jax.default_backend()
+  if force in ("dequant", "float"):
+    return Lowering("dequant", f"forced: {rhs.spec} weights dequantized in the graph")
+  dynamic = lhs_spec is None and (force in ("int8", "w4a8") or opts.dynamic_int8)
+  act = low.DYNAMIC_INT8 if dynamic else lhs_spec
+  if act is None:
     return Lowering("dequant", f"weight-only {rhs.spec}: dequantized in the graph")
-  why = _int8_weights_reason(rhs, rc)
-  if why is None and (lhs_spec.format != "int8" or not lhs_spec.symmetric):
-    why = f"activations are {lhs_spec}, not symmetric int8"
-  if why is None and lhs_spec.granularity not in ("token", "tensor"):
-    why = f"activation granularity {lhs_spec.granularity} varies along the contraction"
-  if why is None:
-    return Lowering("int8", f"i8 x i8 -> i32 dot_general, rescaled by {lhs_spec} x {rhs.spec}")
+  act_name = f"{act} (dynamic)" if dynamic else str(act)
+  act_why = _act_reason(act)
+  int8_why = act_why or _int8_weights_reason(rhs, rc)
+  w4_why = act_why or low.w4a8_reason(rhs, lhs_ndim, dims)
+  dense = low.is_dense(lhs_ndim, rhs.ndim, dims)
+  rows = low.flat_rows(lhs_shape) if lhs_shape is not None and dense else None
+  pad = low.row_pad(rows, backend) if rows is not None else 0
+  groups = rhs.shape[rc[0]] // rhs.spec.group_size if rhs.spec.granularity == "group" else 1
+  if force == "int8" and int8_why:
+    raise ValueError(f"lowering='int8' cannot apply: {int8_why}.")
+  if force == "w4a8" and w4_why:
+    raise ValueError(f"lowering='w4a8' cannot apply: {w4_why}.")
+  if int8_why is None and force != "w4a8":
+    what = "weight-only int8 served W8A8-dynamic: " if dynamic else ""
+    return Lowering("int8", f"{what}i8 x i8 -> i32 dot_general ({low.layout_note(rhs, rc)}), "
+                    f"rescaled by {act_name} x {rhs.spec}", pad, act_name)  # fmt: skip
+  auto_w4 = dynamic and backend == "cpu"
+  if w4_why is None and (force == "w4a8" or auto_w4):
+    if force == "w4a8" or rows is None or groups == 1 or rows * groups <= low.W4A8_MAX_ROWS:
+      return Lowering("w4a8", f"{rhs.spec} codes widened to int8 in the graph, {act_name} "
+                      f"activations, i8 x i8 -> i32 dot ({groups} scale group(s) along the "
+                      f"contraction, block-diagonal rows)", pad, act_name)  # fmt: skip
+    return Lowering("dequant", f"w4a8 would need {rows} x {groups} rows > "
+                    f"{low.W4A8_MAX_ROWS}: weights dequantized in the graph")  # fmt: skip
+  if dynamic:
+    return Lowering("dequant", f"weight-only {rhs.spec}: dequantized in the graph")
+  why = int8_why if rhs.spec.format == "int8" or w4_why is None else w4_why
   return Lowering("dequant", f"{why}: weights dequantized in the graph, activations simulated")
 
 
@@ -157,6 +213,7 @@ def qdot_general(
     lhs_zero_point: jax.Array | None = None,
     mode: Mode = "serve",
     out_dtype=None,
+    lowering: str | None = None,
     **kwargs,
 ) -> jax.Array:
   """`lax.dot_general` with quantized operands.
@@ -172,6 +229,8 @@ def qdot_general(
     lhs_scale, lhs_zero_point: static activation scale, shaped to broadcast against `lhs`.
     mode: ``serve`` or ``fake``.
     out_dtype: result dtype (default: `lhs`'s).
+    lowering: force a serve lowering (``int8``, ``w4a8``, ``dequant``); default: chosen by
+      backend and shape (`lowering_scope`, `explain`).
   Returns:
     ``[batch..., lhs free..., rhs free...]`` as `lax.dot_general` orders them.
   """
@@ -184,7 +243,8 @@ def qdot_general(
   (lc, rc), (lb, rb) = dims
   if mode == "serve" and rhs_spec is not None and not isinstance(rhs, QArray):
     rhs = quantize(rhs, rhs_spec)
-  lowering = choose_lowering(lhs.ndim, rhs, dims, lhs_spec, mode, rhs_spec)
+  lowering = choose_lowering(lhs.ndim, rhs, dims, lhs_spec, mode, rhs_spec,
+                             lhs_shape=tuple(lhs.shape), lowering=lowering)  # fmt: skip
   log.debug("qdot_general %s x %s: %s", lhs.shape, getattr(rhs, "shape", None), lowering)
 
   if lowering.name == "int8-ste":
@@ -192,10 +252,17 @@ def qdot_general(
     out = ste_int8_dot_general(lhs, jnp.asarray(rhs), dims, lhs_spec, rhs_spec, axes, lhs_scale)
     return out.astype(out_dtype)
 
+  if lowering.name == "w4a8":
+    act = lhs_spec or low.DYNAMIC_INT8
+    q_lhs, s_lhs, _ = quantize_along(lhs, act, activation_axes(act, lhs.ndim, lc),
+                                     scale=lhs_scale if lhs_spec else None)  # fmt: skip
+    return low.w4a8_dot(q_lhs, s_lhs, rhs, dims, lowering.pad_rows).astype(out_dtype)
+
   if lowering.name == "int8":
-    axes = activation_axes(lhs_spec, lhs.ndim, lc)
-    q_lhs, s_lhs, _ = quantize_along(lhs, lhs_spec, axes, scale=lhs_scale)
-    acc = lax.dot_general(q_lhs, rhs.values, dims, preferred_element_type=jnp.int32)
+    act = lhs_spec or low.DYNAMIC_INT8
+    axes = activation_axes(act, lhs.ndim, lc)
+    q_lhs, s_lhs, _ = quantize_along(lhs, act, axes, scale=lhs_scale if lhs_spec else None)
+    acc = low.int8_dot(q_lhs, rhs, dims, lowering.pad_rows)
     lfree, rfree = _free(lhs.ndim, lc, lb), _free(rhs.ndim, rc, rb)
     s_l = _lhs_scale_to_out(jnp.broadcast_to(s_lhs, _keep_shape(lhs.shape, axes)), lb, lfree,
                             lc, len(rfree))  # fmt: skip
@@ -233,6 +300,8 @@ def explain(
     lhs_spec: SpecLike | None = None,
     mode: Mode = "serve",
     rhs_spec: SpecLike | None = None,
+    lowering: str | None = None,
+    backend: str | None = None,
 ) -> Lowering:
   """Which lowering `qdot_general` picks for these operands, and why.
 
@@ -242,4 +311,5 @@ def explain(
   if dimension_numbers is None:
     dimension_numbers = (((len(lhs.shape) - 1,), (0,)), ((), ()))
   return choose_lowering(len(lhs.shape), rhs, dimension_numbers, as_spec(lhs_spec), mode,
-                         as_spec(rhs_spec))  # fmt: skip
+                         as_spec(rhs_spec), lhs_shape=tuple(lhs.shape), lowering=lowering,
+                         backend=backend)  # fmt: skip
