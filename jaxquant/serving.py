@@ -1,0 +1,239 @@
+"""Serve functions as portable artifacts: `jax.export` for CPU, CUDA and TPU from any machine.
+
+    export_serve(out, fn, variables, inputs)     # fn(variables, *inputs) -> outputs
+    served = load_exported(out)                  # reads the artifact and its params
+    y = served(*args)                            # = jax.jit(fn)(variables, *args)
+
+An artifact is a folder of three files, written together (atomically):
+
+* ``serve.jaxexport``: the serialized `jax.export.Exported`, StableHLO lowered once per
+  platform (cpu, cuda, tpu by default). The params are its **first argument**, not constants
+  baked into the program, so the file holds only the computation (the int8 dots, the int4
+  unpacking, the rescales) and stays small whatever the model size.
+* ``model.safetensors``: those params, quantized (`jaxquant.save`: int8 codes, packed int4,
+  scales), with the tree structure the exported function expects.
+* ``export.json``: the manifest: platforms, input shapes (symbolic dimensions by name) and
+  dtypes, the calling convention, versions, and free-form metadata (model, recipe...).
+
+Input dimensions given as names (``symbolic_inputs("b, t", ...)``) stay symbolic: one artifact
+serves every batch size and sequence length.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from jax import export as jax_export
+
+from jaxquant import io
+from jaxquant._version import __version__
+
+PLATFORMS = ("cpu", "cuda", "tpu")
+PROGRAM = "serve.jaxexport"
+PARAMS = io.DEFAULT_FILENAME
+MANIFEST = "export.json"
+CALLING_CONVENTION = "fn(variables, *inputs) -> outputs; variables = jaxquant.load(model.safetensors)"
+
+
+def symbolic_inputs(dims: str, dtypes: Sequence[Any],
+                    constraints: Sequence[str] = ()) -> list[jax.ShapeDtypeStruct]:  # fmt: skip
+  """Inputs that share the symbolic shape `dims` (e.g. ``"b, t"``), one per dtype;
+  `constraints` such as ``"t <= 512"`` bound the dimensions (see `jax.export`)."""
+  shape = jax_export.symbolic_shape(dims, constraints=tuple(constraints))
+  return [jax.ShapeDtypeStruct(shape, np.dtype(d)) for d in dtypes]
+
+
+def _abstract(tree):
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), tree)
+
+
+def lower(fn: Callable, variables, inputs: Sequence[Any],
+          platforms: Sequence[str] = PLATFORMS) -> jax_export.Exported:  # fmt: skip
+  """`jax.export` of ``fn(variables, *inputs)`` for `platforms`, params as an argument.
+
+  `inputs` are arrays or `jax.ShapeDtypeStruct`s (symbolic dims allowed); `fn` may already be
+  jitted. Runs on any machine: lowering for CUDA or TPU needs no such device.
+  """
+  jitted = fn if hasattr(fn, "lower") else jax.jit(fn)
+  shapes = [x if isinstance(x, jax.ShapeDtypeStruct) else _abstract(x) for x in inputs]
+  return jax_export.export(jitted, platforms=tuple(platforms))(_abstract(variables), *shapes)
+
+
+def _describe(x: jax.ShapeDtypeStruct) -> dict:
+  return {"shape": [d if isinstance(d, int) else str(d) for d in x.shape],
+          "dtype": np.dtype(x.dtype).name}  # fmt: skip
+
+
+def save_exported(out: str | os.PathLike, exported: jax_export.Exported, variables,
+                  metadata: dict | None = None) -> Path:  # fmt: skip
+  """Writes the artifact folder `out` (see module doc); files appear only once all are written.
+
+  The files are written to a temporary folder beside `out`, then moved in, the manifest last;
+  other files already in `out` are left alone.
+  """
+  out = Path(out)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  manifest = {
+      "format": "jaxquant-export", "format_version": 1, "jaxquant": __version__,
+      "jax": jax.__version__, "platforms": list(exported.platforms),
+      "calling_convention": CALLING_CONVENTION, "program": PROGRAM, "params": PARAMS,
+      "inputs": [_describe(x) for x in exported.in_avals[len(jax.tree.leaves(variables)):]],
+      "outputs": [_describe(x) for x in exported.out_avals],
+      "params_embedded": False, "metadata": metadata or {},
+  }  # fmt: skip
+  tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+  try:
+    (tmp / PROGRAM).write_bytes(exported.serialize())
+    io.save(tmp / PARAMS, variables)
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    out.mkdir(exist_ok=True)
+    for name in (PROGRAM, PARAMS, MANIFEST):
+      os.replace(tmp / name, out / name)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+  return out
+
+
+def export_serve(out: str | os.PathLike, fn: Callable, variables, inputs: Sequence[Any],
+                 platforms: Sequence[str] = PLATFORMS, metadata: dict | None = None) -> Path:  # fmt: skip
+  """`lower` then `save_exported`: the artifact folder for ``fn(variables, *inputs)``."""
+  return save_exported(out, lower(fn, variables, inputs, platforms), variables, metadata)
+
+
+@dataclasses.dataclass
+class Served:
+  """A loaded artifact: ``served(*inputs)`` runs the exported program on its params."""
+
+  exported: jax_export.Exported
+  variables: Any
+  manifest: dict
+
+  def __post_init__(self):
+    self._call = jax.jit(self.exported.call)
+
+  @property
+  def platforms(self) -> tuple[str, ...]:
+    return tuple(self.exported.platforms)
+
+  def __call__(self, *inputs):
+    return self._call(self.variables, *inputs)
+
+
+def load_exported(path: str | os.PathLike) -> Served:
+  """Reads an artifact folder written by `export_serve` (params loaded with `jaxquant.load`)."""
+  path = Path(path)
+  missing = [n for n in (PROGRAM, PARAMS, MANIFEST) if not (path / n).is_file()]
+  if missing:
+    raise FileNotFoundError(
+        f"{path}: not a jaxquant export (missing {', '.join(missing)}); write one with "
+        "`jaxquant export` or jaxquant.serving.export_serve."
+    )
+  manifest = json.loads((path / MANIFEST).read_text())
+  exported = jax_export.deserialize(bytearray((path / PROGRAM).read_bytes()))
+  variables = io.load(path / PARAMS)
+  if jax.tree.structure(variables) != exported.in_tree.children()[0].children()[0]:
+    raise ValueError(
+        f"{path}: {PARAMS} does not match the parameter tree the exported program expects; "
+        "re-export the model."
+    )
+  return Served(exported, variables, manifest)
+
+
+# --------------------------------------------------------------------------- reference models
+@dataclasses.dataclass
+class ServeFunction:
+  """What `export_serve` needs for one model: ``fn(variables, *inputs)``, the (quantized)
+  variables, abstract `inputs` (symbolic dims), a concrete `example` and metadata."""
+
+  fn: Callable
+  variables: Any
+  inputs: list[jax.ShapeDtypeStruct]
+  example: tuple
+  metadata: dict
+
+
+def minilm_serve(recipe: str) -> ServeFunction:
+  """all-MiniLM-L6-v2 quantized by `recipe`: ``(variables, input_ids, attention_mask,
+  token_type_ids [b, s] int32) -> sentence embeddings [b, 384]`` (mean-pooled, unit norm)."""
+  from jaxquant import evaluate
+  from jaxquant.models import minilm
+
+  encoder = evaluate.minilm_encoder(recipe)
+  batch = minilm.tokenize(minilm.load_tokenizer(), ["Quantized models serve anywhere.",
+                                                    "jax.export lowers for cpu, cuda and tpu."])
+  example = tuple(np.asarray(batch[k], np.int32)
+                  for k in ("input_ids", "attention_mask", "token_type_ids"))  # fmt: skip
+  return ServeFunction(
+      minilm.sentence_embedding_fn(encoder.apply_fn), encoder.variables,
+      symbolic_inputs("b, s", [np.int32] * 3, [f"s <= {minilm.MAX_SEQ_LENGTH}"]), example,
+      {"model": "minilm", "recipe": encoder.name,
+       "inputs": ["input_ids [b, s]", "attention_mask [b, s]", "token_type_ids [b, s]"],
+       "constraints": [f"s <= {minilm.MAX_SEQ_LENGTH}"],
+       "output": "sentence embeddings [b, 384], unit L2 norm"},
+  )  # fmt: skip
+
+
+def parse_decoder_config(text: str):
+  """``"dim=512,layers=4,heads=8,mlp=2048"`` -> `DecoderConfig` (unnamed fields: defaults)."""
+  from jaxquant.models.decoder import DecoderConfig
+
+  fields = {f.name for f in dataclasses.fields(DecoderConfig)}
+  values = {}
+  for item in filter(None, (s.strip() for s in text.split(","))):
+    name, _, value = item.partition("=")
+    if name not in fields or not value.strip().isdigit():
+      raise ValueError(f"decoder config {item!r}: expected NAME=INT with NAME one of "
+                       f"{', '.join(sorted(fields))}.")  # fmt: skip
+    values[name] = int(value)
+  return DecoderConfig(**values)
+
+
+def decoder_serve(recipe: str, config: str = "", checkpoint: str | None = None,
+                  seed: int = 0) -> ServeFunction:  # fmt: skip
+  """The byte-level decoder's forward quantized by `recipe`: ``(variables, tokens [b, t]
+  int32) -> logits [b, t, 256]``. Float params from `checkpoint` (`jaxquant.save` of the
+  ``params`` tree, or of ``{"params": ...}``), else random init from `seed`. Recipes that need
+  data calibrate on standard-library source bytes."""
+  import jax.numpy as jnp
+
+  from jaxquant import data, evaluate
+  from jaxquant.flax import quantize_model
+  from jaxquant.models.decoder import Decoder
+  from jaxquant.ptq.recipes import NEEDS_DATA, apply_recipe
+  from jaxquant.rules import load_recipe
+
+  cfg = parse_decoder_config(config)
+  model = Decoder(cfg)
+  if checkpoint:
+    params = io.load(checkpoint)
+    params = params.get("params", params)
+  else:
+    params = model.init(jax.random.key(seed), jnp.zeros((1, 8), jnp.int32))["params"]
+  rec = load_recipe(recipe)
+  rng = np.random.default_rng(seed)
+  corpus = data.stdlib_source("train", 1 << 20)
+  batches = [(jnp.asarray(data.byte_windows(corpus, 8, 128, rng)),) for _ in range(4)]
+  result = apply_recipe(rec, params, model, batches if rec.method in NEEDS_DATA else None)
+  stats = None
+  if evaluate.needs_calibration(result.rules):
+    cal = quantize_model(model, result.rules, "calibrate")
+    for b in batches:
+      stats = cal.apply({"params": result.reference or params}, *b, stats=stats)[1]
+  serve = quantize_model(model, result.rules, "serve", calibration=stats)
+  example = (np.asarray(data.byte_windows(corpus, 2, 64, rng), np.int32),)
+  return ServeFunction(
+      jax.jit(serve.apply), {"params": result.qparams}, symbolic_inputs("b, t", [np.int32]),
+      example,
+      {"model": "decoder", "recipe": rec.name, "config": dataclasses.asdict(cfg),
+       "checkpoint": checkpoint, "seed": None if checkpoint else seed,
+       "inputs": ["tokens [b, t] (bytes as int32)"], "output": "next-byte logits [b, t, 256]"},
+  )  # fmt: skip
