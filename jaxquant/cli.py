@@ -225,6 +225,17 @@ def cmd_eval(args) -> int:
   return 0
 
 
+def cmd_bench(args) -> int:
+  from jaxquant import bench
+
+  rows = bench.run(args.quick, args.repeats, args.out, qwix=not args.no_qwix,
+                   progress=lambda line: console.print(line, highlight=False))  # fmt: skip
+  console.print(bench.markdown(rows), highlight=False)
+  if args.out:
+    console.print(f"wrote {args.out}/bench_ops.md, .json, .png")
+  return 0
+
+
 def cmd_recipes(args) -> int:
   for name in recipe_names():
     recipe = load_recipe(name)
@@ -296,6 +307,12 @@ def build_parser() -> argparse.ArgumentParser:
   v.set_defaults(func=cmd_eval)
   r = sub.add_parser("recipes", help="list the shipped recipes")
   r.set_defaults(func=cmd_recipes)
+  b = sub.add_parser("bench", help="speed of one layer per format and lowering (vs f32, Qwix)")
+  b.add_argument("--quick", action="store_true", help="4096x4096 at M=1,16, 5 rounds")
+  b.add_argument("--repeats", type=int, default=None, help="interleaved rounds (default 15)")
+  b.add_argument("--no-qwix", action="store_true", help="skip Qwix even when installed")
+  b.add_argument("--out", default="experiments/results", help="folder for bench_ops.{md,json,png}")
+  b.set_defaults(func=cmd_bench)
   x = sub.add_parser("export", help="jax.export a quantized serve function for cpu/cuda/tpu")
   x.add_argument("--model", choices=("minilm", "decoder"), default="minilm",
                  help="minilm: sentence embeddings; decoder: the byte-level LM's logits")
