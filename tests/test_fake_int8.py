@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 import jaxquant as jq
 from jaxquant.numerics import fake_quant, fake_quant_along
-from jaxquant.ops import explain, qdot_general
+from jaxquant.ops import explain, qdot_general, ste_backward
 
 DENSE = (((1,), (0,)), ((), ()))
 
@@ -29,28 +29,52 @@ def fake_w8a8(x, w, dims=DENSE):
 finite = st.floats(-8, 8, width=32)
 
 
-@jax.jit
-def _out_and_grads(x, w, cot):
-  out, vjp = jax.vjp(fake_w8a8, x, w)
-  return (out, *vjp(cot))
+def _out_and_grads(backward):
+  @jax.jit
+  def run(x, w, cot):
+    with ste_backward(backward):
+      out, vjp = jax.vjp(fake_w8a8, x, w)
+    return (out, *vjp(cot))
+
+  return run
+
+
+RUNS = {"float": _out_and_grads("float"), "quantized": _out_and_grads("quantized")}
 
 
 @settings(max_examples=30, deadline=None)
 @given(
     x=hnp.arrays(np.float32, (4, 24), elements=finite),
     seed=st.integers(0, 2**16),
+    backward=st.sampled_from(["float", "quantized"]),
 )
-def test_forward_and_gradients_match_numpy_reference(x, seed):
+def test_forward_and_gradients_match_numpy_reference(x, seed, backward):
   rng = np.random.default_rng(seed)
   w = (rng.normal(size=(24, 8)) * rng.choice([1e-3, 1, 100], size=(1, 8))).astype(np.float32)
   cot = rng.normal(size=(4, 8)).astype(np.float32)
   fq_x, fq_w = np_fake_int8(x, 1), np_fake_int8(w, 0)
-  out, gx, gw = _out_and_grads(x, w, cot)
+  out, gx, gw = RUNS[backward](x, w, cot)
   tol = 1e-5 * (1 + np.abs(fq_x).sum(1, keepdims=True) * np.abs(fq_w).max(0, keepdims=True))
   assert np.all(np.abs(np.asarray(out) - fq_x @ fq_w) <= tol)
-  # absmax scales never clip, so the straight-through gradient is the float one
-  np.testing.assert_allclose(gx, cot @ fq_w.T, rtol=1e-4, atol=1e-4 * np.abs(fq_w).max())
-  np.testing.assert_allclose(gw, fq_x.T @ cot, rtol=1e-4, atol=1e-4 * (1 + np.abs(fq_x).max()))
+  # absmax scales never clip: the gradient is the float one, of the chosen operands
+  bx, bw = (x, w) if backward == "float" else (fq_x, fq_w)
+  np.testing.assert_allclose(gx, cot @ bw.T, rtol=1e-4, atol=1e-4 * np.abs(bw).max())
+  np.testing.assert_allclose(gw, bx.T @ cot, rtol=1e-4, atol=1e-4 * (1 + np.abs(bx).max()))
+
+
+def test_quantized_backward_equals_the_float_fake_quant_gradient():
+  x = jax.random.normal(jax.random.key(4), (6, 32))
+  w = jax.random.normal(jax.random.key(5), (32, 16))
+  ref = lambda a, b: fake_quant_along(a, "int8:token", (1,)) @ fake_quant(b, "int8")
+  loss = lambda f: (lambda a, b: jnp.sum(jnp.sin(f(a, b))))  # noqa: E731
+  with ste_backward("quantized"):
+    got = jax.grad(loss(fake_w8a8), (0, 1))(x, w)
+  want = jax.grad(loss(ref), (0, 1))(x, w)
+  for g, r in zip(got, want):
+    np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5)
+  with pytest.raises(ValueError, match="ste_backward"):
+    with ste_backward("exact"):
+      pass
 
 
 def test_chooses_integer_path_only_where_the_identity_holds():

@@ -6,26 +6,60 @@ weights whose scales are constant along the contraction (per output channel or p
     dot(fq(x), fq(w)) = Σ (s_x q_x)(s_w q_w) = s_x · s_w · Σ q_x q_w,
 
 so the QAT forward can run the serving lowering, ``dot_general(i8, i8) -> i32`` and one
-rescale, instead of a float dot of quantize-dequantized operands. The backward pass is the
-straight-through estimator of the float formulation:
+rescale, instead of a float dot of quantize-dequantized operands. Forward values equal the
+float fake-quant path up to float rounding (the int32 sum is exact).
 
-    ∂L/∂x = m_x ⊙ (g · fq(w)ᵀ),    ∂L/∂w = m_w ⊙ (fq(x)ᵀ · g),
+The backward pass is a straight-through estimator with the scales held constant and ``m`` the
+in-range masks (zero where a static activation scale clipped; dynamic absmax never clips).
+Two variants, chosen at trace time with `ste_backward`:
 
-with ``m`` the in-range masks (zero where a value was clipped) and the scales held constant.
-The backward contractions run in the operands' dtype (BF16 under a BF16 compute policy).
-Forward values equal the float fake-quant path up to float rounding (the int32 sum is exact).
+* ``"float"`` (default): the float operands the forward saw,
+  ``∂L/∂x = m_x ⊙ (g · wᵀ)``, ``∂L/∂w = xᵀ · g`` — no dequantization pass in the backward,
+  so a W8A8 QAT step costs what the int8 forward saves (the choice Qwix makes);
+* ``"quantized"``: the quantize-dequantized operands, ``∂L/∂x = m_x ⊙ (g · fq(w)ᵀ)``,
+  ``∂L/∂w = fq(x)ᵀ · g`` — exactly the gradient of the float fake-quant graph, for one extra
+  elementwise pass per operand; residuals are kept as int8 codes (4× smaller).
+
+The two differ by the int8 rounding of the operands (≤ 1/254 of each operand's range). The
+backward contractions run in the operands' dtype (BF16 under a BF16 compute policy).
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
+from collections.abc import Iterator
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxquant.numerics import quantize_along
+from jaxquant.numerics import find_range, quantize_along, scale_from_range
 from jaxquant.spec import QuantSpec
+
+SteBackward = Literal["float", "quantized"]
+_STE_BACKWARD: contextvars.ContextVar[SteBackward] = contextvars.ContextVar(
+    "jaxquant_ste_backward", default="float"
+)
+
+
+@contextlib.contextmanager
+def ste_backward(mode: SteBackward) -> Iterator[None]:
+  """Within this context, fake W8A8 contractions traced take the `mode` backward::
+
+      with jaxquant.ops.ste_backward("quantized"):
+        step = make_train_step(...); step(state, batch)   # traced (first call) inside
+  """
+  if mode not in ("float", "quantized"):
+    raise ValueError(f"ste_backward takes 'float' or 'quantized', got {mode!r}.")
+  token = _STE_BACKWARD.set(mode)
+  try:
+    yield
+  finally:
+    _STE_BACKWARD.reset(token)
+
 
 DotDims = tuple[tuple[tuple[int, ...], tuple[int, ...]], tuple[tuple[int, ...], tuple[int, ...]]]
 
@@ -67,8 +101,14 @@ def _in_range(x: jax.Array, scale: jax.Array, qmax: float) -> jax.Array:
 
 
 def _quantize(x, spec: QuantSpec, axes, scale):
-  q, s, _ = quantize_along(lax.stop_gradient(x), spec, axes, scale=scale)
-  return q, lax.stop_gradient(s)
+  """int8 codes and scale; the same scale computation as `quantize_along`."""
+  x = lax.stop_gradient(x)
+  if scale is not None:  # a static scale may clip
+    q, s, _ = quantize_along(x, spec, axes, scale=scale)
+    return q, lax.stop_gradient(s)
+  s = lax.stop_gradient(scale_from_range(*find_range(x.astype(jnp.float32), axes, spec), spec)[0])
+  # |x| <= absmax = 127·s, so the rounded codes are already within ±127: no clip needed
+  return jnp.round(x.astype(jnp.float32) / s).astype(jnp.int8), s
 
 
 def _forward(lhs, rhs, dims, lhs_spec, rhs_spec, lhs_axes, lhs_scale):
@@ -91,29 +131,39 @@ def _rescale(acc, s_l, s_r, lhs_ndim, rhs_ndim, dims) -> jax.Array:
   return acc.astype(jnp.float32) * s_l * s_r
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
-def _ste_dot(lhs, rhs, dims, lhs_spec, rhs_spec, lhs_axes, lhs_scale):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6))
+def _ste_dot(lhs, rhs, dims, lhs_spec, rhs_spec, lhs_axes, backward, lhs_scale):
   return _forward(lhs, rhs, dims, lhs_spec, rhs_spec, lhs_axes, lhs_scale)[0]
 
 
-def _ste_dot_fwd(lhs, rhs, dims, lhs_spec, rhs_spec, lhs_axes, lhs_scale):
+def _ste_dot_fwd(lhs, rhs, dims, lhs_spec, rhs_spec, lhs_axes, backward, lhs_scale):
   out, (q_l, s_l, q_r, s_r) = _forward(lhs, rhs, dims, lhs_spec, rhs_spec, lhs_axes, lhs_scale)
-  m_l = _in_range(lhs, s_l, lhs_spec.info.qmax)
-  m_r = _in_range(rhs, s_r, rhs_spec.info.qmax)
+  # Dynamic absmax scales never clip (|x| <= 127·s), so only a static scale needs a mask.
+  m_l = None if lhs_scale is None else _in_range(lhs, s_l, lhs_spec.info.qmax)
+  if backward == "float":
+    return out, ((lhs, rhs), m_l, lhs_scale)
   probes = (jnp.zeros((), lhs.dtype), jnp.zeros((), rhs.dtype))  # dtypes of the cotangents
-  return out, (q_l, s_l, m_l, q_r, s_r, m_r, probes, lhs_scale)
+  return out, ((q_l, s_l, q_r, s_r, probes), m_l, lhs_scale)
 
 
-def _ste_dot_bwd(dims, lhs_spec, rhs_spec, lhs_axes, res, g):
-  q_l, s_l, m_l, q_r, s_r, m_r, (l_probe, r_probe), lhs_scale = res
-  fq_l = (q_l.astype(jnp.float32) * s_l).astype(l_probe.dtype)
-  fq_r = (q_r.astype(jnp.float32) * s_r).astype(r_probe.dtype)
+def _bwd_operands(backward: SteBackward, saved):
+  if backward == "float":
+    return saved
+  q_l, s_l, q_r, s_r, (l_probe, r_probe) = saved
+  return ((q_l.astype(jnp.float32) * s_l).astype(l_probe.dtype),
+          (q_r.astype(jnp.float32) * s_r).astype(r_probe.dtype))  # fmt: skip
+
+
+def _ste_dot_bwd(dims, lhs_spec, rhs_spec, lhs_axes, backward, res, g):
+  saved, m_l, lhs_scale = res
+  fq_l, fq_r = _bwd_operands(backward, saved)
   _, vjp = jax.vjp(lambda a, b: lax.dot_general(a, b, dims), fq_l, fq_r)
   g_l, g_r = vjp(g.astype(jnp.result_type(fq_l, fq_r)))
-  g_l, g_r = g_l.astype(l_probe.dtype), g_r.astype(r_probe.dtype)
+  g_l, g_r = g_l.astype(fq_l.dtype), g_r.astype(fq_r.dtype)
   zero = jnp.zeros((), g_l.dtype)
   scale_ct = None if lhs_scale is None else jnp.zeros_like(lhs_scale)
-  return jnp.where(m_l, g_l, zero), jnp.where(m_r, g_r, zero.astype(g_r.dtype)), scale_ct
+  g_l = g_l if m_l is None else jnp.where(m_l, g_l, zero)
+  return g_l, g_r, scale_ct
 
 
 _ste_dot.defvjp(_ste_dot_fwd, _ste_dot_bwd)
@@ -127,6 +177,7 @@ def ste_int8_dot_general(
     rhs_spec: QuantSpec,
     lhs_axes: tuple[int, ...],
     lhs_scale: jax.Array | None = None,
+    backward: SteBackward | None = None,
 ) -> jax.Array:
   """``dot_general(fq(lhs), fq(rhs))`` on the int8 path, straight-through gradients.
 
@@ -136,7 +187,10 @@ def ste_int8_dot_general(
     rhs: float weights; scales per `rhs_spec` (per channel or tensor, constant along the
       contraction: check with `ste_int8_reason`).
     dims: normalised `lax.dot_general` dimension numbers.
+    backward: ``"float"`` or ``"quantized"`` operands in the backward (module docstring);
+      None takes the `ste_backward` context's (default ``"float"``).
   Returns:
     the contraction in `lhs`'s dtype.
   """
-  return _ste_dot(lhs, rhs, dims, lhs_spec, rhs_spec, tuple(lhs_axes), lhs_scale)
+  backward = backward or _STE_BACKWARD.get()
+  return _ste_dot(lhs, rhs, dims, lhs_spec, rhs_spec, tuple(lhs_axes), backward, lhs_scale)

@@ -24,13 +24,7 @@ import optax
 from jaxquant.flax import quantize_model
 from jaxquant.numerics import quantize
 from jaxquant.rules import Rule
-from jaxquant.training.policy import (
-    DynamicLossScale,
-    NoLossScale,
-    Policy,
-    all_finite,
-    select_tree,
-)
+from jaxquant.training.policy import DynamicLossScale, NoLossScale, Policy, select_tree
 from jaxquant.training.quantizers import LSQ, PACT, lsq_init_scale
 from jaxquant.transforms import _selection, named_leaves, quantize_params
 
@@ -60,12 +54,17 @@ def make_train_step(
     optimizer: optax.GradientTransformation,
     loss_fn: LossFn,
     policy: Policy | None = None,
+    *,
+    track_grad_norm: bool = False,
 ) -> Callable[[TrainState, Any], tuple[TrainState, dict]]:
   """A jitted ``step(state, batch) -> (state, metrics)``.
 
   Forward and backward run in ``policy.compute_dtype`` with fake-quantized weights (and
   activations where a rule says); gradients reach the FP32 master params straight through.
-  A step whose gradients are not finite is skipped (and the loss scale, if dynamic, halved).
+  A non-finite step is skipped (params and optimizer state kept, the loss scale, if dynamic,
+  halved): with dynamic loss scaling, any Inf/NaN gradient; without, a non-finite loss.
+  Metrics: ``loss``, ``finite``, ``loss_scale``, and ``grad_norm`` (global L2 norm of the
+  unscaled gradients) with dynamic loss scaling or ``track_grad_norm=True``.
   """
   fake = quantize_model(model, rules, "fake")
   policy = policy or Policy()
@@ -79,18 +78,20 @@ def make_train_step(
 
     grads, loss = jax.grad(scaled_loss, has_aux=True)(state.params)
     grads = state.loss_scale.unscale(grads)
-    finite = all_finite(grads)
+    metrics = {"loss": loss}
+    if track_grad_norm or not isinstance(state.loss_scale, NoLossScale):
+      metrics["grad_norm"] = _global_norm(grads)  # Inf/NaN anywhere makes the norm non-finite
+      finite = jnp.isfinite(metrics["grad_norm"]) & jnp.isfinite(loss)
+    else:
+      finite = jnp.isfinite(loss)  # without loss scaling, overflow shows in the loss
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    new = TrainState(
-        select_tree(finite, params, state.params),
-        select_tree(finite, opt_state, state.opt_state),
-        state.loss_scale.adjust(finite),
-        state.step + finite.astype(jnp.int32),
-    )
+    # the selects fuse into the update: skipping costs nothing on the normal path
+    new = TrainState(select_tree(finite, params, state.params),
+                     select_tree(finite, opt_state, state.opt_state),
+                     state.loss_scale.adjust(finite), state.step + finite.astype(jnp.int32))
     scale = getattr(new.loss_scale, "scale", jnp.ones(()))
-    return new, {"loss": loss, "finite": finite, "loss_scale": scale,
-                 "grad_norm": _global_norm(grads)}  # fmt: skip
+    return new, {**metrics, "finite": finite, "loss_scale": scale}
 
   return jax.jit(step)
 
