@@ -41,7 +41,8 @@ PLATFORMS = ("cpu", "cuda", "tpu")
 PROGRAM = "serve.jaxexport"
 PARAMS = io.DEFAULT_FILENAME
 MANIFEST = "export.json"
-CALLING_CONVENTION = "fn(variables, *inputs) -> outputs; variables = jaxquant.load(model.safetensors)"
+CALLING_CONVENTION = ("fn(variables, *inputs) -> outputs; "
+                      "variables = jaxquant.load(model.safetensors)")
 
 
 def symbolic_inputs(dims: str, dtypes: Sequence[Any],
@@ -104,7 +105,8 @@ def save_exported(out: str | os.PathLike, exported: jax_export.Exported, variabl
 
 
 def export_serve(out: str | os.PathLike, fn: Callable, variables, inputs: Sequence[Any],
-                 platforms: Sequence[str] = PLATFORMS, metadata: dict | None = None) -> Path:  # fmt: skip
+                 platforms: Sequence[str] = PLATFORMS,
+                 metadata: dict | None = None) -> Path:  # fmt: skip
   """`lower` then `save_exported`: the artifact folder for ``fn(variables, *inputs)``."""
   return save_exported(out, lower(fn, variables, inputs, platforms), variables, metadata)
 

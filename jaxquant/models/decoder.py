@@ -9,7 +9,7 @@ explicit pytree (float, or INT8 codes with one scale per head and token):
 
     cache = init_cache(cfg, batch, length, "int8")
     logits, cache = Decoder(cfg).apply(variables, tokens, cache=cache, pos=0)   # prefill
-    generate = make_generate(model, steps=64, cache="int8")   # model: Decoder or quantize_model(...)
+    generate = make_generate(model, steps=64, cache="int8")   # Decoder or quantize_model(...)
     tokens = generate(variables, prompt, key)                 # [B, 64], one jitted loop
 """
 
@@ -124,8 +124,9 @@ def cache_write(cache: KVCache, k: jax.Array, v: jax.Array, pos) -> KVCache:
 def cached_attention(q: jax.Array, cache: KVCache, pos) -> jax.Array:
   """Causal attention of queries ``q [B, T, H, D]`` at ``[pos, pos + T)`` over the cache.
 
-  INT8 caches are never dequantized: the key scales multiply the scores and the value scales
-  the attention weights, ``Σ_d q·(k̂ s_k) = s_k Σ_d q·k̂`` and ``Σ_s w (v̂ s_v) = Σ_s (w s_v) v̂``.
+  INT8 caches are not dequantized: the codes enter the contractions (cast to the query dtype)
+  and the scales are folded in, the key scales into the scores and the value scales into the
+  attention weights: ``Σ_d q·(k̂ s_k) = s_k Σ_d q·k̂``, ``Σ_s w (v̂ s_v) = Σ_s (w s_v) v̂``.
   Returns ``[B, T, H, D]``.
   """
   t, d, length = q.shape[1], q.shape[-1], cache.k.shape[1]
