@@ -1,12 +1,16 @@
 """QAT vs PTQ on a byte-level decoder trained on the standard library's own source.
 
-The same model and step budget trained in FP32, BF16-mixed, INT8 QAT (W8A8 per token) and
-INT4 QAT (weights int4 g64; fixed ranges, and LSQ learned step sizes), compared with INT8/INT4
-round-to-nearest and INT4 GPTQ post-training quantization of the FP32 model. Held-out text is
-a fixed one-file-in-ten split of the stdlib (`jaxquant.data.stdlib_source`). Prints one table,
-writes it (Markdown + JSON) and a loss-curve plot under experiments/results/.
+Every run gets the same budget of `--steps` optimizer steps on the same batches. FP32 and
+BF16-mixed train from scratch. The QAT runs follow the usual recipe: the FP32 run's checkpoint
+at step ``steps - qat_steps`` is fine-tuned for the last `--qat-steps` steps with fake
+quantization — INT8 QAT (W8A8 per token, on the int8 path) and INT4 QAT (weights int4 g64;
+fixed ranges, and LSQ learned step sizes) — so each has seen exactly as many batches as the
+FP32 model. These are compared with INT8/INT4 round-to-nearest and INT4 GPTQ post-training
+quantization of the final FP32 model. Held-out text is a fixed one-file-in-ten split of the
+stdlib (`jaxquant.data.stdlib_source`). Prints one table, writes it (Markdown + JSON) and a
+loss-curve plot under experiments/results/.
 
-    python experiments/qat_decoder.py [--steps 600] [--quick]
+    python experiments/qat_decoder.py [--steps 600] [--qat-steps 150] [--quick]
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -45,18 +50,29 @@ def evaluate(apply, variables, heldout: np.ndarray) -> float:
                         for i in range(0, len(heldout), 16)]))  # fmt: skip
 
 
-def train(name, rules, policy, cfg, steps, batch, length, lr, lsq=False, seed=0):
+def train(name, rules, policy, cfg, steps, batch, length, lr, *, lsq=False, seed=0, params=None,
+          first_step=0, snapshot_at=None):  # fmt: skip
+  """Trains `steps` steps from `params` (or a fresh init) with AdamW and warmup + cosine decay.
+
+  The batch of global step ``first_step + i`` is drawn from a generator seeded by that step, so
+  a fine-tuning run sees the batches the FP32 run saw at the same steps. Returns the final
+  params, the loss curve, the median step time (s) and the params after `snapshot_at` steps.
+  """
   model = Decoder(cfg)
-  rng = np.random.default_rng(seed)
   corpus = data.stdlib_source("train")
-  params = model.init(jax.random.key(seed), jnp.zeros((1, length), jnp.int32))["params"]
+  if params is None:
+    params = model.init(jax.random.key(seed), jnp.zeros((1, length), jnp.int32))["params"]
   if lsq:
     params = training.add_learned_quantizers(params, rules)
-  opt = optax.adamw(optax.warmup_cosine_decay_schedule(0, lr, steps // 20, steps), 0.01)
+  warmup = max(steps // (20 if first_step == 0 else 10), 1)
+  opt = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, lr, warmup, steps), weight_decay=0.01)
   step = training.make_train_step(model, rules, opt, loss_fn, training.Policy.parse(policy))
   state = training.TrainState.create(params, opt)
-  curve, times = [], []
+  curve, times, snapshot = [], [], None
   for i in range(steps):
+    if i == snapshot_at:
+      snapshot = state.params
+    rng = np.random.default_rng((seed, first_step + i))
     tokens = jnp.asarray(data.byte_windows(corpus, batch, length, rng))
     start = time.perf_counter()
     state, metrics = step(state, tokens)
@@ -64,53 +80,75 @@ def train(name, rules, policy, cfg, steps, batch, length, lr, lsq=False, seed=0)
     times.append(time.perf_counter() - start)
     curve.append(loss)
     if i % max(steps // 10, 1) == 0:
-      print(f"  {name} step {i}: loss {loss:.3f}", flush=True)
-  return state.params, curve, float(np.median(times[len(times) // 5 :]))
+      print(f"  {name} step {first_step + i}: loss {loss:.3f}", flush=True)
+  return state.params, curve, float(np.median(times[len(times) // 5 :])), snapshot
 
 
 def bits(loss_nats: float) -> float:
   return loss_nats / math.log(2)
 
 
+def weight_bytes(params) -> int:
+  return sum(np.asarray(leaf).nbytes if not isinstance(leaf, jq.QArray) else leaf.nbytes
+             for _, leaf in jq.transforms.named_leaves(params))  # fmt: skip
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--steps", type=int, default=600)
+  parser.add_argument("--steps", type=int, default=600, help="optimizer steps of every run")
+  parser.add_argument("--qat-steps", type=int, default=150,
+                      help="the last steps, fine-tuned with fake quantization in the QAT runs")
   parser.add_argument("--batch", type=int, default=32)
   parser.add_argument("--length", type=int, default=128)
   parser.add_argument("--lr", type=float, default=3e-3)
   parser.add_argument("--quick", action="store_true", help="a few steps, for CI")
   args = parser.parse_args()
-  steps = 20 if args.quick else args.steps
+  steps, qat_steps = (20, 8) if args.quick else (args.steps, args.qat_steps)
+  if not 0 < qat_steps < steps:
+    parser.error("--qat-steps must lie strictly between 0 and --steps")
   cfg = DecoderConfig(dim=64, layers=2, heads=4, mlp=256) if args.quick else DecoderConfig()
   heldout_rng = np.random.default_rng(1234)
   heldout = jnp.asarray(data.byte_windows(data.stdlib_source("heldout", 1 << 20),
                                           64 if args.quick else 256, args.length, heldout_rng))
-  runs = {
-      "fp32": ([], "params=float32,compute=float32", False),
-      "bf16-mixed": ([], "params=float32,compute=bfloat16,output=float32", False),
-      "int8-qat (w8a8)": (W8A8, "params=float32,compute=float32", False),
-      "int4-qat fixed": (W4, "params=float32,compute=float32", False),
-      "int4-qat lsq": (W4, "params=float32,compute=float32", True),
-  }
-  rows, curves, trained = [], {}, {}
-  for name, (rules, policy, lsq) in runs.items():
-    params, curve, step_s = train(name, rules, policy, cfg, steps, args.batch, args.length,
-                                  args.lr, lsq)  # fmt: skip
-    curves[name] = curve
-    trained[name] = params
-    if lsq or rules:
-      qparams, stats = training.convert(params, rules) if lsq else (
-          jq.quantize_params(params, rules), None)  # fmt: skip
-      serve = jqf.quantize_model(Decoder(cfg), rules, "serve", calibration=stats)
-      loss = evaluate(serve.apply, {"params": qparams}, heldout)
-      nbytes = sum(leaf.nbytes for _, leaf in jq.transforms.named_leaves(qparams))
-    else:
-      loss = evaluate(Decoder(cfg).apply, {"params": params}, heldout)
-      nbytes = sum(np.asarray(v).nbytes for v in jax.tree.leaves(params))
+  common = dict(cfg=cfg, batch=args.batch, length=args.length, lr=args.lr)
+  fp32_policy = "params=float32,compute=float32"
+  rows, curves = [], {}
+
+  def report(name, loss, nbytes, step_s):
     rows.append({"run": name, "heldout_loss": loss, "bits_per_byte": bits(loss),
                  "perplexity": math.exp(loss), "weight_bytes": nbytes, "step_ms": 1e3 * step_s})
-  # post-training quantization of the FP32 model
-  fp32 = trained["fp32"]
+
+  # from scratch: FP32 (keeping its checkpoint where QAT fine-tuning starts) and BF16-mixed
+  fp32, curves["fp32"], fp32_step, start = train(
+      "fp32", [], fp32_policy, steps=steps, snapshot_at=steps - qat_steps, **common)
+  report("fp32", evaluate(Decoder(cfg).apply, {"params": fp32}, heldout), weight_bytes(fp32),
+         fp32_step)  # fmt: skip
+  bf16, curves["bf16-mixed"], bf16_step, _ = train(
+      "bf16-mixed", [], "params=float32,compute=bfloat16,output=float32", steps=steps, **common)
+  report("bf16-mixed", evaluate(Decoder(cfg).apply, {"params": bf16}, heldout),
+         weight_bytes(bf16), bf16_step)  # fmt: skip
+
+  # QAT: fine-tune the FP32 checkpoint for the last qat_steps steps
+  lr_at_start = float(optax.warmup_cosine_decay_schedule(
+      0.0, args.lr, max(steps // 20, 1), steps)(steps - qat_steps))
+  qat_runs = {"fp32 fine-tune control": ([], False), "int8-qat (w8a8)": (W8A8, False),
+              "int4-qat fixed": (W4, False), "int4-qat lsq": (W4, True)}  # fmt: skip
+  for name, (rules, lsq) in qat_runs.items():
+    params, curve, step_s, _ = train(
+        name, rules, fp32_policy, steps=qat_steps, params=start, lsq=lsq,
+        first_step=steps - qat_steps, **{**common, "lr": lr_at_start})
+    curves[name] = curves["fp32"][: steps - qat_steps] + curve
+    if not rules:  # the same fine-tuning without quantization: what the restart alone does
+      report(name, evaluate(Decoder(cfg).apply, {"params": params}, heldout),
+             weight_bytes(params), step_s)  # fmt: skip
+      continue
+    qparams, stats = training.convert(params, rules) if lsq else (
+        jq.quantize_params(params, rules), None)  # fmt: skip
+    serve = jqf.quantize_model(Decoder(cfg), rules, "serve", calibration=stats)
+    report(name, evaluate(serve.apply, {"params": qparams}, heldout), weight_bytes(qparams),
+           step_s)  # fmt: skip
+
+  # post-training quantization of the final FP32 model
   corpus = data.stdlib_source("train")
   calib = [(jnp.asarray(data.byte_windows(corpus, 16, args.length, np.random.default_rng(7 + i))),)
            for i in range(4)]  # fmt: skip
@@ -118,34 +156,39 @@ def main() -> None:
                               ("int4 ptq gptq", W4, "gptq")]:  # fmt: skip
     result = apply_recipe(Recipe(name, tuple(rules), method=method), fp32, Decoder(cfg), calib)
     serve = jqf.quantize_model(Decoder(cfg), rules, "serve")
-    loss = evaluate(serve.apply, {"params": result.qparams}, heldout)
-    nbytes = sum(leaf.nbytes for _, leaf in jq.transforms.named_leaves(result.qparams))
-    rows.append({"run": name, "heldout_loss": loss, "bits_per_byte": bits(loss),
-                 "perplexity": math.exp(loss), "weight_bytes": nbytes, "step_ms": float("nan")})
+    report(name, evaluate(serve.apply, {"params": result.qparams}, heldout),
+           weight_bytes(result.qparams), float("nan"))  # fmt: skip
+
   by = {r["run"]: r["heldout_loss"] for r in rows}
   gap = by["int4 ptq rtn"] - by["fp32"]
   recovered = {k: (by["int4 ptq rtn"] - by[k]) / gap if gap > 0 else float("nan")
-               for k in ("int4-qat fixed", "int4-qat lsq")}  # fmt: skip
-  lines = [f"steps {steps}, batch {args.batch} x {args.length} bytes, model {cfg}", "",
+               for k in ("int4-qat fixed", "int4-qat lsq", "int4 ptq gptq")}  # fmt: skip
+  lines = [f"{steps} steps for every run (QAT: FP32 for {steps - qat_steps}, then {qat_steps} "
+           f"with fake quantization), batch {args.batch} x {args.length} bytes, model {cfg}; "
+           f"{jax.devices()[0].device_kind}, {os.cpu_count()} cores", "",
            "| run | held-out loss (nats) | bits/byte | perplexity | weight KiB | step ms |",
            "|---|---|---|---|---|---|"]  # fmt: skip
   for r in rows:
     lines.append(f"| {r['run']} | {r['heldout_loss']:.4f} | {r['bits_per_byte']:.4f} | "
                  f"{r['perplexity']:.3f} | {r['weight_bytes'] / 1024:.1f} | {r['step_ms']:.1f} |")
-  lines += ["", "INT4 QAT share of the INT4 RTN loss gap recovered: " +
+  lines += ["", "Share of the INT4 RTN loss gap (vs FP32) recovered: " +
             ", ".join(f"{k} {v:.0%}" for k, v in recovered.items()),
-            "relative to FP32 held-out loss: " + ", ".join(
-                f"{k} {by[k] / by['fp32'] - 1:+.2%}" for k in ("bf16-mixed", "int8-qat (w8a8)"))]
+            "Held-out loss relative to FP32: " + ", ".join(
+                f"{k} {by[k] / by['fp32'] - 1:+.2%}"
+                for k in ("bf16-mixed", "fp32 fine-tune control", "int8-qat (w8a8)")),
+            "Step ms: median wall time of the jitted train step (shared 2-core machine; the QAT "
+            "step comparison with Qwix is experiments/bench_qat_step.py)."]  # fmt: skip
   print("\n".join(lines))
   if not args.quick:
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "qat_decoder.md").write_text("\n".join(lines) + "\n")
-    (RESULTS / "qat_decoder.json").write_text(json.dumps({"rows": rows, "curves": curves,
-                                                          "recovered": recovered}, indent=1))
-    plot(curves, RESULTS / "qat_decoder.png")
+    (RESULTS / "qat_decoder.json").write_text(json.dumps(
+        {"rows": rows, "curves": curves, "recovered": recovered, "steps": steps,
+         "qat_steps": qat_steps}, indent=1))  # fmt: skip
+    plot(curves, steps - qat_steps, RESULTS / "qat_decoder.png")
 
 
-def plot(curves: dict, path: Path) -> None:
+def plot(curves: dict, qat_start: int, path: Path) -> None:
   import matplotlib
 
   matplotlib.use("Agg")
@@ -155,6 +198,8 @@ def plot(curves: dict, path: Path) -> None:
   for name, curve in curves.items():
     c = np.convolve(curve, np.ones(20) / 20, mode="valid")
     ax.plot(np.arange(len(c)) + 20, c, label=name)
+  ax.axvline(qat_start, color="grey", lw=0.8, ls="--")
+  ax.text(qat_start, ax.get_ylim()[1], " QAT fine-tuning starts", va="top", fontsize=8)
   ax.set_xlabel("step")
   ax.set_ylabel("training loss (nats/byte, 20-step mean)")
   ax.set_title("byte-level decoder on the stdlib source")
