@@ -78,7 +78,13 @@ def quantize_minilm(
     sentences = calibration_sentences or data.calibration_sentences(CALIBRATION_SENTENCES)
     batches = minilm_batches(sentences)
   return apply_recipe(recipe, params, minilm.MiniLM(), batches, minilm.smoothing_groups(),
-                      progress=progress, output_fn=_sentence_embedding)  # fmt: skip
+                      progress=progress, output_fn=_sentence_embedding,
+                      row_mask=_real_tokens)  # fmt: skip
+
+
+def _real_tokens(batch):
+  """Calibration counts real tokens only: the attention mask ``[B, S]``."""
+  return batch[1]
 
 
 def _sentence_embedding(hidden, batch):

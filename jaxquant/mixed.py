@@ -1,14 +1,22 @@
-"""Automatic mixed precision: per-layer widths from {4, 8, 16} bits under an average budget.
+"""Automatic mixed precision: a format per layer under an average-bits budget.
 
-Sensitivity of layer l at width b is the output error that quantizing it alone adds on the
-calibration inputs, through the layer's Hessian: ``e_l(b) = tr(ΔWᵀ H ΔW) / n`` with
-``ΔW = W − Q_b(W)`` and ``H = XᵀX``. A greedy allocation then starts every layer at 4 bits and
-repeatedly buys the upgrade (4→8 or 8→16) with the largest error drop per added bit until the
-parameter-weighted average reaches the budget. The result is an ordinary rule list.
+Each layer ``l`` has a few choices ``c`` (4-bit with groups of 128, 64 or 32, int8 per channel,
+bf16), each with an error ``e_l(c)`` — the model-output error when that layer alone is
+quantized by ``c`` (`jaxquant.ptq.recipes.choose_mixed_rules`), or its Hessian proxy
+``tr(ΔWᵀ H ΔW) / n`` with ``ΔW = W − Q_c(W)`` and ``H = XᵀX`` — and a cost ``b_l(c)``, the
+bits it stores **including its scales and zero points** (`stored_bits`: int4 g128 with f32
+scales and int8 zero points is 4.3125 bits a weight, g64 4.625, g32 5.25, int8 per channel
+8 + 32/d_in). `allocate` then solves the multiple-choice knapsack
+
+    min Σ_l e_l(c_l)   subject to   Σ_l b_l(c_l) ≤ avg_bits · Σ_l n_l
+
+exactly (dynamic programming on costs rounded up to a fine grid, so the budget always holds).
+The result is an ordinary rule list.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping, Sequence
 
@@ -20,6 +28,7 @@ from jaxquant.rules import Rule
 from jaxquant.spec import QuantSpec, as_spec
 
 CANDIDATES: dict[int, str] = {4: "int4:g128:asym", 8: "int8", 16: "bf16"}
+CHOICES: tuple[str, ...] = ("int4:g128:asym", "int4:g64:asym", "int4:g32:asym", "int8", "bf16")
 
 
 def sensitivity(w: np.ndarray, h: np.ndarray, n: float, spec: QuantSpec) -> float:
@@ -29,33 +38,64 @@ def sensitivity(w: np.ndarray, h: np.ndarray, n: float, spec: QuantSpec) -> floa
   return float(jnp.sum(dw * (jnp.asarray(h) @ dw)) / n)
 
 
+def stored_bits(spec: str | QuantSpec, shape) -> int:
+  """Bits a kernel of `shape` stores under `spec`: values, scales and zero points."""
+  return 8 * as_spec(spec).nbytes(tuple(shape))
+
+
 def allocate(
-    sizes: Mapping[str, int], errors: Mapping[str, Mapping[int, float]], avg_bits: float
-) -> dict[str, int]:
-  """Widths per layer minimising ``Σ e_l(b_l)`` (greedily) with ``Σ n_l b_l ≤ avg_bits Σ n_l``."""
-  widths = sorted(next(iter(errors.values())))
-  if avg_bits < widths[0]:
-    raise ValueError(f"avg_bits={avg_bits} is below the narrowest width {widths[0]}.")
-  bits = {p: widths[0] for p in sizes}
-  budget = avg_bits * sum(sizes.values()) - widths[0] * sum(sizes.values())
-  while True:
-    best = None
-    for p, b in bits.items():
-      i = widths.index(b)
-      if i + 1 == len(widths):
+    sizes: Mapping[str, int],
+    errors: Mapping[str, Mapping],
+    avg_bits: float,
+    costs: Mapping[str, Mapping] | None = None,
+    resolution: int = 1 << 14,
+):
+  """The choice per layer minimising ``Σ_l e_l(c_l)`` with ``Σ_l cost_l(c_l) ≤ avg_bits Σ n_l``.
+
+  `errors` maps each layer to ``{choice: error}``; `costs` to ``{choice: bits}`` (default: a
+  choice is its width in bits, ``n_l · c``, no overhead). Exact multiple-choice knapsack by
+  dynamic programming over the budget in units of the costs' greatest common divisor, or, if
+  that needs more than `resolution` steps, of ``budget / resolution`` with costs rounded up.
+  """
+  paths = list(sizes)
+  if costs is None:
+    costs = {p: {c: sizes[p] * c for c in errors[p]} for p in paths}
+  budget = avg_bits * sum(sizes.values())
+  cheapest = sum(min(costs[p].values()) for p in paths)
+  if cheapest > budget * (1 + 1e-9):
+    raise ValueError(
+        f"avg_bits={avg_bits} is below the cheapest choice per layer "
+        f"({cheapest / sum(sizes.values()):.4g} bits on average)."
+    )
+  unit = float(math.gcd(*(int(c) for cs in costs.values() for c in cs.values()
+                          if float(c).is_integer())) or 1)  # fmt: skip
+  exact = all(float(c).is_integer() for cs in costs.values() for c in cs.values())
+  if not exact or budget / unit > resolution:
+    unit = budget / resolution
+  resolution = int(budget // unit)
+  best = np.zeros(resolution + 1)  # least error with at most b units spent
+  picks = []
+  for p in paths:
+    choices = list(errors[p])
+    new = np.full(resolution + 1, np.inf)
+    pick = np.zeros(resolution + 1, np.int64)
+    for i, c in enumerate(choices):
+      k = int(np.ceil(costs[p][c] / unit - 1e-9))
+      if k > resolution:
         continue
-      nxt = widths[i + 1]
-      cost = sizes[p] * (nxt - b)
-      if cost > budget:
-        continue
-      gain = (errors[p][b] - errors[p][nxt]) / cost
-      if best is None or gain > best[0]:
-        best = (gain, p, nxt, cost)
-    if best is None:
-      return bits
-    _, p, nxt, cost = best
-    bits[p] = nxt
-    budget -= cost
+      cand = np.full(resolution + 1, np.inf)
+      cand[k:] = best[: resolution + 1 - k] + errors[p][c]
+      better = cand < new
+      new, pick = np.where(better, cand, new), np.where(better, i, pick)
+    best = new
+    picks.append((choices, pick, [int(np.ceil(costs[p][c] / unit - 1e-9)) for c in choices]))
+  b = int(np.argmin(best))
+  out = {}
+  for p, (choices, pick, units) in zip(reversed(paths), reversed(picks)):
+    i = int(pick[b])
+    out[p] = choices[i]
+    b -= units[i]
+  return {p: out[p] for p in paths}
 
 
 def mixed_rules(
@@ -63,12 +103,15 @@ def mixed_rules(
     candidates: Mapping[int, str] = CANDIDATES,
     base: Sequence[Rule] = (),
 ) -> list[Rule]:
-  """One exact-path rule per allocated layer (in front of `base`), editable and saveable."""
-  rules = [Rule(f"^{re.escape(p)}$", candidates[b]) for p, b in bits.items()]
+  """One exact-path rule per allocated layer (in front of `base`), editable and saveable.
+  A choice is a width looked up in `candidates` or a spec string."""
+  rules = [Rule(f"^{re.escape(p)}$", candidates[b] if isinstance(b, int) else b)
+           for p, b in bits.items()]  # fmt: skip
   return rules + list(base)
 
 
 def average_bits(bits: Mapping[str, int], sizes: Mapping[str, int]) -> float:
+  """Parameter-weighted mean of nominal widths (no scale or zero-point overhead)."""
   total = sum(sizes[p] for p in bits)
   return sum(bits[p] * sizes[p] for p in bits) / total
 

@@ -1,5 +1,6 @@
 """GPTQ, AWQ, SmoothQuant, HQQ and mixed precision: against references and invariants."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,6 +8,7 @@ import pytest
 
 import jaxquant as jq
 from jaxquant import evaluate, mixed
+from jaxquant import flax as jqf
 from jaxquant.numerics import codes, quantization_error
 from jaxquant.ptq import gptq as gptq_mod
 from jaxquant.ptq.hqq import hqq_quantize
@@ -171,3 +173,95 @@ def test_mixed_rules_are_an_ordinary_editable_rule_list():
   assert specs == {"enc/layer_0/q/kernel": "int8", "enc/layer_1/q/kernel": "int4:g128:asym"}
   recipe = jq.rules.Recipe("mine", tuple(rules), method="gptq")
   assert "int4:g128:asym" in recipe.to_yaml()
+
+
+def test_allocation_is_the_exact_knapsack_optimum_under_stored_bits():
+  import itertools
+
+  rng = np.random.default_rng(0)
+  sizes = {f"l{i}": int(n) for i, n in enumerate(rng.integers(1, 5, 6) * 4096)}
+  choices = ("int4:g128:asym", "int4:g32:asym", "int8", "bf16")
+  costs = {p: {c: mixed.stored_bits(c, (128, n // 128)) for c in choices} for p, n in sizes.items()}
+  errors = {p: dict(zip(choices, np.sort(rng.exponential(size=4))[::-1] * rng.uniform(1, 50)))
+            for p in sizes}  # fmt: skip
+  got = mixed.allocate(sizes, errors, 6.0, costs)
+  budget = 6.0 * sum(sizes.values())
+  spent = lambda pick: sum(costs[p][c] for p, c in pick.items())
+  total = lambda pick: sum(errors[p][c] for p, c in pick.items())
+  feasible = [dict(zip(sizes, combo)) for combo in itertools.product(choices, repeat=len(sizes))]
+  best = min((f for f in feasible if spent(f) <= budget), key=total)
+  assert spent(got) <= budget and total(got) == pytest.approx(total(best), rel=1e-3)
+  with pytest.raises(ValueError, match="cheapest"):
+    mixed.allocate(sizes, errors, 4.2, costs)  # int4 g128 alone stores 4.3125 bits a weight
+
+
+def test_allocation_spends_the_budget_on_the_sensitive_layer():
+  sizes = {"quiet": 1 << 14, "loud": 1 << 14}
+  choices = ("int4:g128:asym", "int8")
+  costs = {p: {c: mixed.stored_bits(c, (128, 128)) for c in choices} for p in sizes}
+  errors = {"quiet": {"int4:g128:asym": 1.0, "int8": 0.01},
+            "loud": {"int4:g128:asym": 50.0, "int8": 0.5}}  # fmt: skip
+  assert mixed.allocate(sizes, errors, 6.5, costs) == {"quiet": "int4:g128:asym", "loud": "int8"}
+  assert mixed.stored_bits("int4:g128:asym", (128, 128)) == 4.3125 * 128 * 128
+
+
+def test_awq_group_search_lowers_the_summed_output_error_of_layers_sharing_an_input():
+  x, w1 = _layer(4)
+  w2 = np.random.default_rng(5).normal(size=w1.shape).astype(np.float32) * 0.1
+  spec = jq.QuantSpec.parse("int4:g16:asym")
+  s, _, ratio = awq_search(x, np.mean(np.abs(x), 0), [w1, w2], spec)
+  err = lambda s: sum(float(np.sum((x @ w - (x / s) @ np.asarray(jq.dequantize(jq.quantize(w * s[:, None], spec)))) ** 2))
+                      for w in (w1, w2))  # fmt: skip
+  assert err(s) == pytest.approx(ratio * err(np.ones(64, np.float32)), rel=1e-3)
+  assert err(s) < 0.9 * err(np.ones(64, np.float32))
+
+
+class _TwoBlocks(nn.Module):
+  """Two blocks ``x ← x + down(relu(up(x)))`` over ``[B, S, 32]`` inputs."""
+
+  @nn.compact
+  def __call__(self, x):
+    for i in range(2):
+      h = nn.relu(nn.Dense(64, name=f"layers_{i}_up")(x))
+      x = x + nn.Dense(32, name=f"layers_{i}_down")(h)
+    return x
+
+
+def _two_blocks():
+  model = _TwoBlocks()
+  x = jax.random.normal(jax.random.key(0), (4, 16, 32)).at[..., :2].multiply(8.0)
+  params = model.init(jax.random.key(1), x)["params"]
+  return model, params, [(x[:2],), (x[2:],)]
+
+
+def test_row_mask_keeps_padding_out_of_the_calibration_statistics():
+  from jaxquant.ptq.capture import capture, collect_inputs, hessian_observer
+
+  model, params, batches = _two_blocks()
+  rules = jq.default_rules("int4:g16:asym")
+  padded = [(jnp.concatenate([b[0], 100.0 * jnp.ones((2, 4, 32))], axis=1),) for b in batches]
+  real = lambda batch: jnp.arange(batch[0].shape[1]) < 16  # noqa: E731
+  path = "layers_0_up/kernel"
+  want = capture(model, params, rules, batches, hessian_observer([path]))[path]
+  got = capture(model, params, rules, padded, hessian_observer([path]), real)[path]
+  np.testing.assert_allclose(np.asarray(got["h"]), np.asarray(want["h"]), rtol=1e-5)
+  assert float(got["n"]) == float(want["n"]) == 64
+  assert collect_inputs(model, params, rules, padded, [path], real)[path].shape == (64, 32)
+
+
+def test_awq_recipe_beats_round_to_nearest_on_the_model_output():
+  from jaxquant.ptq.recipes import apply_recipe
+
+  model, params, batches = _two_blocks()
+  rules = (jq.Rule(".*", "int4:g16:asym"),)
+  ref = [model.apply({"params": params}, *b) for b in batches]
+
+  def err(result):
+    fq = jqf.quantize_model(model, result.rules, "serve")
+    return sum(float(jnp.sum((fq.apply({"params": result.qparams}, *b) - r) ** 2))
+               for b, r in zip(batches, ref))  # fmt: skip
+
+  awq = apply_recipe(jq.rules.Recipe("awq", rules, method="awq"), params, model, batches)
+  rtn = apply_recipe(jq.rules.Recipe("rtn", rules), params, model, batches)
+  assert set(awq.info) >= {"layers_0_up/kernel", "layers_1_down/kernel"}
+  assert err(awq) < 0.8 * err(rtn)

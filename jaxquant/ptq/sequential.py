@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxquant.numerics import dequantize
-from jaxquant.ptq.capture import DEFAULT_BLOCK, block_of, capture, hessian_observer
+from jaxquant.ptq.capture import DEFAULT_BLOCK, RowMask, block_of, capture, hessian_observer
 from jaxquant.ptq.gptq import GPTQConfig, gptq_quantize
 from jaxquant.rules import Rule
 from jaxquant.spec import QuantSpec
@@ -19,7 +19,7 @@ def execution_order(model, params, rules: Sequence[Rule], batch: tuple, paths) -
   """Kernel paths among `paths` in the order the model calls their layers."""
   wanted = set(paths)
   seen = capture(model, params, rules, [batch],
-                 lambda path, prev, x: jnp.zeros(()) if path in wanted else None)  # fmt: skip
+                 lambda path, prev, x, *_: jnp.zeros(()) if path in wanted else None)  # fmt: skip
   return list(seen)
 
 
@@ -45,11 +45,13 @@ def gptq_params(
     config: GPTQConfig | None = None,
     block_pattern: str = DEFAULT_BLOCK,
     progress: bool = False,
+    row_mask: RowMask | None = None,
 ) -> tuple[dict, dict]:
   """GPTQ every 2-D integer kernel the rules quantize, block by block; RTN for the rest.
 
   Each block's Hessians come from a forward pass in which all earlier blocks already use
-  their quantized weights. Returns ``(qparams, info per path)``.
+  their quantized weights, over the rows `row_mask` marks real (all without one).
+  Returns ``(qparams, info per path)``.
   """
   config = config or GPTQConfig()
   p = plan(params, rules)
@@ -63,7 +65,7 @@ def gptq_params(
     blocks = track(blocks, description="GPTQ", transient=True)
   done, info, current = {}, {}, params
   for block in blocks:
-    acc = capture(model, current, rules, batches, hessian_observer(block))
+    acc = capture(model, current, rules, batches, hessian_observer(block), row_mask)
     leaves = dict(named_leaves(current))
     for path in block:
       q, info[path] = gptq_quantize(np.asarray(leaves[path]), np.asarray(acc[path]["h"]),

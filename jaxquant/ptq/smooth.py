@@ -18,8 +18,10 @@ unchanged and serving costs nothing extra; otherwise the layer keeps an explicit
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -107,27 +109,45 @@ def _rtn(w: jnp.ndarray, spec: QuantSpec) -> jnp.ndarray:
   return dequantize(quantize(w, spec))
 
 
-def awq_search(
-    x: np.ndarray, x_mean: np.ndarray, weights: Sequence[np.ndarray], spec: QuantSpec
-) -> tuple[np.ndarray, float, float]:
-  """Best AWQ scale for layers sharing input rows `x [n, in]`: ``(s, α, loss ratio vs α=0)``."""
-  x = jnp.asarray(x, jnp.float32)
-  refs = [x @ jnp.asarray(w) for w in weights]
+@functools.partial(jax.jit, static_argnums=4)
+def _scaled_error(x, refs, weights, s, spec: QuantSpec) -> jax.Array:
+  """``Σ_layers ‖x W − (x / s) Q(diag(s) W)‖²`` for rows ``x [n, in]`` and scales ``s [in]``."""
+  xs = x / s
+  return sum(jnp.sum((r - xs @ _rtn(w * s[:, None], spec)) ** 2) for r, w in zip(refs, weights))
+
+
+def awq_candidates(x_mean: np.ndarray, w_mean: np.ndarray | None, grid: int = 20):
+  """AWQ's scale grid: ``s = x̄^α`` (and, with `w_mean`, the "duo" ``x̄^α / w̄^(1−α)``) for
+  ``α = 0, 1/grid, ..., (grid−1)/grid``, each normalised to ``max(s)·min(s) = 1``.
+  Yields ``(α, duo, s [in])``; the first is ``s = 1`` (plain round to nearest)."""
   base = np.maximum(x_mean, 1e-4)
-  w_mean = np.mean([_normalised_weight_mean(w, spec) for w in weights], axis=0)
-  losses = []
-  for alpha, duo in [(a, d) for d in (False, True) for a in AWQ_ALPHAS]:
-    s = np.power(base, alpha)
-    if duo:  # weights' own magnitude in the balance ("duo scaling")
-      s = s / (np.power(w_mean, 1 - alpha) + 1e-4)
-    s = np.maximum(s, 1e-4)
-    s = s / np.sqrt(s.max() * s.min())
-    xs = x / jnp.asarray(s)
-    loss = sum(float(jnp.sum((r - xs @ _rtn(jnp.asarray(w * s[:, None]), spec)) ** 2))
-               for r, w in zip(refs, weights))  # fmt: skip
-    losses.append((loss, alpha, s))
-  best = min(losses, key=lambda t: t[0])
-  return best[2].astype(np.float32), best[1], best[0] / max(losses[0][0], 1e-30)
+  for duo in (False, True) if w_mean is not None else (False,):
+    for alpha in (i / grid for i in range(grid)):
+      s = np.power(base, alpha)
+      if duo:  # the weights' own magnitude in the balance
+        s = s / (np.power(w_mean, 1 - alpha) + 1e-4)
+      s = np.maximum(s, 1e-4)
+      yield alpha, duo, (s / np.sqrt(s.max() * s.min())).astype(np.float32)
+
+
+def awq_search(
+    x: np.ndarray, x_mean: np.ndarray, weights: Sequence[np.ndarray], spec: QuantSpec,
+    duo: bool = True, grid: int = 20,
+) -> tuple[np.ndarray, float, float]:  # fmt: skip
+  """Best AWQ scale for the layers sharing input rows ``x [n, in]`` (mean ``|x|`` per channel
+  `x_mean`): the grid point minimising their summed output error (see `awq_candidates`).
+  Returns ``(s, α, loss ratio vs s = 1)``."""
+  xj = jnp.asarray(x, jnp.float32)
+  ws = tuple(jnp.asarray(w, jnp.float32) for w in weights)
+  refs = tuple(xj @ w for w in ws)
+  w_mean = np.mean([_normalised_weight_mean(w, spec) for w in weights], axis=0) if duo else None
+  best, first = None, None
+  for alpha, _, s in awq_candidates(x_mean, w_mean, grid):
+    loss = float(_scaled_error(xj, refs, ws, jnp.asarray(s), spec))
+    first = loss if first is None else first
+    if best is None or loss < best[0]:
+      best = (loss, alpha, s)
+  return best[2], best[1], best[0] / max(first, 1e-30)
 
 
 def _normalised_weight_mean(w: np.ndarray, spec: QuantSpec) -> np.ndarray:
@@ -137,32 +157,43 @@ def _normalised_weight_mean(w: np.ndarray, spec: QuantSpec) -> np.ndarray:
   return np.asarray(jnp.mean(rel.reshape(w.shape), axis=1))
 
 
-def awq_clip(x: np.ndarray, w: np.ndarray, spec: QuantSpec) -> QArray:
-  """RTN of ``w [in, out]`` with the clip (range shrink per group and output channel) that
-  minimises each group's output error ``Σ_n (x[n, g] · ΔW[g, o])²`` on the rows `x`."""
-  wj = jnp.asarray(w, jnp.float32)
-  view, axes = grouped_view(wj, spec)
-  lo = jnp.min(view, axis=axes, keepdims=True) if not spec.symmetric else None
+@functools.partial(jax.jit, static_argnums=(2, 3))
+def _best_clip(x: jax.Array, w: jax.Array, spec: QuantSpec, ratios: tuple[float, ...]):
+  """Per group and output channel, the ``(scale, zero)`` among the range shrinks `ratios`
+  minimising ``Σ_n (x[n, g] · ΔW[g, o])²``."""
+  view, axes = grouped_view(w, spec)
   amax = jnp.max(jnp.abs(view), axis=axes, keepdims=True)
-  hi = jnp.max(view, axis=axes, keepdims=True) if not spec.symmetric else amax
-  lo = lo if lo is not None else -amax
-  xj = jnp.asarray(x, jnp.float32)
+  lo = -amax if spec.symmetric else jnp.min(view, axis=axes, keepdims=True)
+  hi = amax if spec.symmetric else jnp.max(view, axis=axes, keepdims=True)
   groups = view.shape[0] if spec.granularity == "group" else 1
-  xg = xj.reshape(xj.shape[0], groups, -1)
+  xg = x.reshape(x.shape[0], groups, -1)
   best = None
-  for r in AWQ_CLIPS:
+  for r in ratios:
     scale, zero = scale_from_range(r * lo, r * hi, spec)
-    q = quantize(wj, spec, scale=scale, zero_point=zero)
-    dw = (wj - dequantize(q)).reshape(groups, -1, w.shape[1])
-    err = jnp.sum(jnp.einsum("ngk,gko->ngo", xg, dw) ** 2, axis=0)  # [groups, out]
-    err = err.reshape(scale.shape)
+    dw = (w - dequantize(quantize(w, spec, scale=scale, zero_point=zero))).reshape(groups, -1, w.shape[1])
+    err = jnp.sum(jnp.einsum("ngk,gko->ngo", xg, dw) ** 2, axis=0).reshape(scale.shape)
     if best is None:
       best = (err, scale, zero)
     else:
       better = err < best[0]
       best = (jnp.where(better, err, best[0]), jnp.where(better, scale, best[1]),
               None if zero is None else jnp.where(better, zero, best[2]))  # fmt: skip
-  return quantize(wj, spec, scale=best[1], zero_point=best[2])
+  return best[1], best[2]
+
+
+def awq_clip(x: np.ndarray, w: np.ndarray, spec: QuantSpec) -> QArray:
+  """RTN of ``w [in, out]`` with the clip (range shrink per group and output channel) that
+  minimises each group's output error ``Σ_n (x[n, g] · ΔW[g, o])²`` on the rows `x`."""
+  wj = jnp.asarray(w, jnp.float32)
+  scale, zero = _best_clip(jnp.asarray(x, jnp.float32), wj, spec, AWQ_CLIPS)
+  return quantize(wj, spec, scale=scale, zero_point=zero)
+
+
+def even_rows(x: np.ndarray, n: int | None) -> np.ndarray:
+  """At most `n` rows of ``x [N, d]``, evenly spaced (all of them when `n` is None)."""
+  if n is None or x.shape[0] <= n:
+    return x
+  return x[np.linspace(0, x.shape[0] - 1, n).round().astype(int)]
 
 
 # --------------------------------------------------------------------------- drivers
@@ -174,33 +205,21 @@ def _targets(params, rules) -> dict[str, QuantSpec]:
   return {r.path: r.spec for r in p.quantized if len(r.shape) == 2}
 
 
-def _group_inputs(stats: dict, group: SmoothGroup):
-  st = stats[group.layers[0]]
-  rows = np.concatenate([np.asarray(r) for r in st["rows"]])
-  n = float(st["n"])
-  return rows, np.asarray(st["abs_sum"]) / n, np.asarray(st["abs_max"])
-
-
-def _prepare(model, params, rules, batches, groups):
-  from jaxquant.ptq.capture import activation_observer, capture
-
-  targets = _targets(params, rules)
-  stats = capture(model, params, rules, batches, activation_observer(targets))
-  groups = default_groups([p for p in targets if p in stats]) if groups is None else groups
-  groups = [g for g in groups if all(p in stats and p in targets for p in g.layers)]
-  return targets, stats, groups
-
-
 def smoothquant_params(model, params: dict, rules, batches, *, alpha: float = 0.5,
-                       groups: Sequence[SmoothGroup] | None = None) -> tuple[dict, dict]:  # fmt: skip
+                       groups: Sequence[SmoothGroup] | None = None,
+                       row_mask=None) -> tuple[dict, dict]:  # fmt: skip
   """SmoothQuant then round-to-nearest by `rules`. Returns ``(qparams, info)``."""
+  from jaxquant.ptq.capture import activation_observer, capture
   from jaxquant.transforms import quantize_params
 
-  _, stats, groups = _prepare(model, params, rules, batches, groups)
+  targets = _targets(params, rules)
+  stats = capture(model, params, rules, batches, activation_observer(targets), row_mask)
+  groups = default_groups([p for p in targets if p in stats]) if groups is None else groups
+  groups = [g for g in groups if all(p in stats and p in targets for p in g.layers)]
   leaves = dict(named_leaves(params))
   scales = {}
   for i, g in enumerate(groups):
-    _, _, act_max = _group_inputs(stats, g)
+    act_max = np.asarray(stats[g.layers[0]]["abs_max"])
     scales[i] = smoothquant_scales(act_max, [np.asarray(leaves[p]) for p in g.layers], alpha)
   smoothed = apply_smoothing(params, groups, scales)
   info = {"groups": len(groups), "folded": sum(g.fold is not None for g in groups),
@@ -208,26 +227,51 @@ def smoothquant_params(model, params: dict, rules, batches, *, alpha: float = 0.
   return quantize_params(smoothed, rules), info
 
 
-def awq_params(model, params: dict, rules, batches, *, clip: bool = True,
-               groups: Sequence[SmoothGroup] | None = None) -> tuple[dict, dict]:  # fmt: skip
-  """AWQ scale search (per group of layers sharing an input), folding, clip search, then
-  round-to-nearest by `rules` for everything else. Returns ``(qparams, info)``."""
+def awq_params(model, params: dict, rules, batches, *, clip: bool = True, duo: bool = True,
+               grid: int = 20, search_rows: int | None = 4096,
+               groups: Sequence[SmoothGroup] | None = None, row_mask=None,
+               progress: bool = False) -> tuple[dict, dict]:  # fmt: skip
+  """AWQ, block by block: per group of layers sharing an input, the scale search on that
+  input's real rows (at most `search_rows`, evenly spaced), folding, then the clip search and
+  round to nearest; the next block's inputs come from the blocks already quantized. Layers in
+  no group are rounded to nearest by `rules`. Returns ``(qparams, info)``."""
+  from jaxquant.ptq.capture import collect_inputs
+  from jaxquant.ptq.sequential import blocks_in_order, execution_order
   from jaxquant.transforms import quantize_params
 
-  targets, stats, groups = _prepare(model, params, rules, batches, groups)
-  leaves = dict(named_leaves(params))
-  scales, info, inputs = {}, {}, {}
-  for i, g in enumerate(groups):
-    rows, x_mean, _ = _group_inputs(stats, g)
-    spec = targets[g.layers[0]]
-    s, alpha, ratio = awq_search(rows, x_mean, [np.asarray(leaves[p]) for p in g.layers], spec)
-    scales[i] = s
-    info[",".join(g.layers)] = {"alpha": alpha, "loss_vs_rtn": ratio}
-    inputs.update({p: rows / s for p in g.layers})
-  smoothed = apply_smoothing(params, groups, scales)
+  targets = _targets(params, rules)
+  order = execution_order(model, params, rules, batches[0], targets)
+  groups = default_groups(order) if groups is None else groups
+  groups = [g for g in groups if all(p in targets and p in order for p in g.layers)]
+  grouped = {p for g in groups for p in g.layers}
+  blocks = [[p for p in b if p in grouped] for b in blocks_in_order(order)]
+  if progress:
+    from rich.progress import track
+
+    blocks = track(blocks, description="AWQ", transient=True)
+  smoothed, current, done, info = params, params, {}, {}
+  for block in blocks:
+    mine = [g for g in groups if g.layers[0] in block]
+    if not mine:
+      continue
+    rows = collect_inputs(model, current, rules, batches, [g.layers[0] for g in mine], row_mask)
+    leaves = dict(named_leaves(current))
+    scales, inputs = {}, {}
+    for i, g in enumerate(mine):
+      x = rows[g.layers[0]]
+      x_mean = np.mean(np.abs(x), axis=0)
+      x = even_rows(x, search_rows)
+      s, alpha, ratio = awq_search(x, x_mean, [np.asarray(leaves[p]) for p in g.layers],
+                                   targets[g.layers[0]], duo, grid)  # fmt: skip
+      scales[i] = s
+      info[",".join(g.layers)] = {"alpha": alpha, "loss_vs_rtn": ratio}
+      inputs.update({p: x / s for p in g.layers})
+    smoothed = apply_smoothing(smoothed, mine, scales)
+    current = apply_smoothing(current, mine, scales)
+    new = dict(named_leaves(current))
+    for p, x in inputs.items():
+      done[p] = awq_clip(x, np.asarray(new[p]), targets[p]) if clip else quantize(new[p], targets[p])
+    current = map_leaves(lambda path, v: dequantize(done[path]) if path in done else v, current)
   info["reference"] = smoothed
-  new = dict(named_leaves(smoothed))
-  done = {p: awq_clip(inputs[p], np.asarray(new[p]), targets[p]) if clip
-          else quantize(new[p], targets[p]) for p in inputs}  # fmt: skip
-  smoothed = map_leaves(lambda path, v: done.get(path, v), smoothed)
-  return quantize_params(smoothed, rules), info
+  qparams = map_leaves(lambda path, v: done.get(path, v), smoothed)
+  return quantize_params(qparams, rules), info
