@@ -1,0 +1,15 @@
+"""The wheel ships every subpackage and the recipes (a non-editable install works)."""
+
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_every_subpackage_is_listed_for_the_wheel():
+  config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+  listed = set(config["packages"])
+  found = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "jaxquant").rglob("__init__.py")}
+  assert found <= listed, f"add {sorted(found - listed)} to [tool.setuptools] packages"
+  assert config["package-dir"]["jaxquant.recipes"] == "configs"
+  assert list((ROOT / "configs").glob("*.yaml")), "the recipes ship as jaxquant.recipes"
