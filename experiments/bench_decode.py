@@ -7,7 +7,8 @@ a wider one whose weights dominate (dim 512, MLP 2048, 4 layers). For every weig
 steps) at batch 1 and 8: tokens/s is new tokens over the median wall time of a whole
 generation, all variants timed in interleaved rounds. Quality sanity check: the largest logit
 difference from the FP32 model with a float cache over a 64-byte sequence decoded through the
-cache. Writes experiments/results/bench_decode.{md,json}.
+cache. Quantized codes are stored contraction-minor (`jaxquant.ops.serving_layout`), the
+layout XLA:CPU's integer dot is fastest with. Writes experiments/results/bench_decode.{md,json}.
 
     python experiments/bench_decode.py [--quick] [--repeats 5] [--steps 128]
 """
@@ -35,6 +36,7 @@ from jaxquant.models.decoder import (
     init_cache,
     make_generate,
 )
+from jaxquant.ops import serving_layout
 
 RESULTS = Path(__file__).parent / "results"
 EMBED = jq.Rule("embed", None, expect_match=False)
@@ -58,7 +60,7 @@ def serving(cfg: DecoderConfig, params: dict, recipe: str):
   rules = RECIPES[recipe]
   if rules is None:
     return Decoder(cfg), {"params": params}, _nbytes(params)
-  qparams = jq.quantize_params(params, rules)
+  qparams = serving_layout(jq.quantize_params(params, rules))  # contraction-minor codes
   return jqf.quantize_model(Decoder(cfg), rules, "serve"), {"params": qparams}, _nbytes(qparams)
 
 

@@ -14,6 +14,7 @@ from jaxquant.models.decoder import (
     init_cache,
     make_generate,
 )
+from jaxquant.ops import serving_layout
 
 CFG = DecoderConfig(dim=64, layers=2, heads=2, mlp=128)
 EMBED = jq.Rule("embed", None, expect_match=False)
@@ -104,7 +105,7 @@ def test_int8_cache_is_a_quarter_of_float32_plus_scales():
 def test_generation_runs_under_quantize_model_serve(setup, rules):
   model, params, tokens = setup
   serve = jqf.quantize_model(model, rules, "serve")
-  variables = {"params": jq.quantize_params(params, rules)}
+  variables = {"params": serving_layout(jq.quantize_params(params, rules))}
   ref = serve.apply(variables, tokens)
   got = _decode_all(serve.apply, variables, tokens, "float32", 6)
   np.testing.assert_allclose(np.asarray(got), np.asarray(ref), atol=1e-4, rtol=1e-4)

@@ -12,6 +12,7 @@ from jaxquant import flax as jqf
 from jaxquant import serving
 from jaxquant.cli import main
 from jaxquant.models.decoder import Decoder, DecoderConfig
+from jaxquant.ops import serving_layout
 
 CFG = DecoderConfig(dim=128, layers=1, heads=2, mlp=256)
 
@@ -29,7 +30,7 @@ def test_export_reload_gives_identical_outputs_on_cpu(decoder, recipe, tmp_path)
   model, params, tokens = decoder
   rules = jq.load_recipe(recipe).rules
   fn = jax.jit(jqf.quantize_model(model, rules, "serve").apply)
-  variables = {"params": jq.quantize_params(params, rules)}
+  variables = {"params": serving_layout(jq.quantize_params(params, rules))}  # codes [out, in]
   out = serving.export_serve(tmp_path / "art", fn, variables,
                              serving.symbolic_inputs("b, t", [jnp.int32]), metadata={"r": recipe})
   assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]  # no temporary folder left
