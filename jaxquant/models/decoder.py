@@ -70,10 +70,11 @@ def rotary(x: jax.Array, positions: jax.Array) -> jax.Array:
 class KVCache(NamedTuple):
   """One layer's keys and values for positions ``[0, S)`` (a pytree).
 
-  Float: ``k, v [B, S, H, D]`` in the cache dtype, scales None. INT8: ``k, v`` int8 codes
-  ``[B, S, H, D]`` with float32 ``k_scale, v_scale [B, S, H, 1]``, symmetric absmax over the
-  head dimension (``Δ = max|x| / 127``, one scale per batch row, position and head), so
-  ``k ≈ k_codes · k_scale``.
+  Float: ``k, v [B, H, S, D]`` in the cache dtype, scales None. INT8: ``k, v`` int8 codes
+  ``[B, H, S, D]`` with float32 ``k_scale, v_scale [B, H, S, 1]``, symmetric absmax over the
+  head dimension (``Δ = max|x| / 127``, one scale per batch row, head and position), so
+  ``k ≈ k_codes · k_scale``. Heads lead positions so that the attention contractions read the
+  cache in place (no per-step transpose of the whole cache).
   """
 
   k: jax.Array
@@ -95,7 +96,7 @@ def init_cache(cfg: DecoderConfig, batch: int, length: int,
   """An empty cache for ``cfg.layers`` layers, `batch` rows and `length` positions."""
   if kind not in CACHE_KINDS:
     raise ValueError(f"cache kind must be one of {', '.join(CACHE_KINDS)}, got {kind!r}.")
-  shape = (batch, length, cfg.heads, cfg.head_dim)
+  shape = (batch, cfg.heads, length, cfg.head_dim)
   if kind == "int8":
     codes, scale = jnp.zeros(shape, jnp.int8), jnp.ones(shape[:-1] + (1,), jnp.float32)
     layer = KVCache(codes, codes, scale, scale)
@@ -113,7 +114,8 @@ def cache_bytes(cache) -> int:
 def cache_write(cache: KVCache, k: jax.Array, v: jax.Array, pos) -> KVCache:
   """`cache` with ``k, v [B, T, H, D]`` written at positions ``[pos, pos + T)``; INT8 caches
   quantize on write (per batch row, position and head)."""
-  at = lambda buf, new: lax.dynamic_update_slice_in_dim(buf, new, pos, axis=1)  # noqa: E731
+  k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # [B, H, T, D]
+  at = lambda buf, new: lax.dynamic_update_slice_in_dim(buf, new, pos, axis=2)  # noqa: E731
   if not cache.quantized:
     return KVCache(at(cache.k, k.astype(cache.k.dtype)), at(cache.v, v.astype(cache.v.dtype)))
   kq, ks, _ = quantize_along(k, KV_SPEC, (3,))
@@ -129,8 +131,8 @@ def cached_attention(q: jax.Array, cache: KVCache, pos) -> jax.Array:
   attention weights: ``Σ_d q·(k̂ s_k) = s_k Σ_d q·k̂``, ``Σ_s w (v̂ s_v) = Σ_s (w s_v) v̂``.
   Returns ``[B, T, H, D]``.
   """
-  t, d, length = q.shape[1], q.shape[-1], cache.k.shape[1]
-  scores = jnp.einsum("bqhd,bkhd->bhqk", q, cache.k.astype(q.dtype))
+  t, d, length = q.shape[1], q.shape[-1], cache.k.shape[2]
+  scores = jnp.einsum("bqhd,bhkd->bhqk", q, cache.k.astype(q.dtype))
   if cache.quantized:
     scores = scores * _per_key(cache.k_scale).astype(scores.dtype)
   scores = scores / jnp.sqrt(d).astype(q.dtype)
@@ -140,12 +142,12 @@ def cached_attention(q: jax.Array, cache: KVCache, pos) -> jax.Array:
   if cache.quantized:
     weights = weights * _per_key(cache.v_scale)
   weights = weights.astype(q.dtype)
-  return jnp.einsum("bhqk,bkhd->bqhd", weights, cache.v.astype(q.dtype))
+  return jnp.einsum("bhqk,bhkd->bqhd", weights, cache.v.astype(q.dtype))
 
 
 def _per_key(scale: jax.Array) -> jax.Array:
-  """``[B, S, H, 1]`` scales to ``[B, H, 1, S]``, to broadcast over scores ``[B, H, T, S]``."""
-  return jnp.transpose(scale, (0, 2, 3, 1))
+  """``[B, H, S, 1]`` scales to ``[B, H, 1, S]``, to broadcast over scores ``[B, H, T, S]``."""
+  return jnp.swapaxes(scale, 2, 3)
 
 
 # --------------------------------------------------------------------------- the model
