@@ -5,10 +5,10 @@ import json
 import numpy as np
 import pytest
 
-from jaxquant import cli, data, evaluate, io
+from jaxquant import cli, data, evaluate, io, mixed
 from jaxquant.models import minilm
 from jaxquant.rules import load_recipe
-from jaxquant.transforms import plan
+from jaxquant.transforms import named_leaves, plan
 
 pytest.importorskip(minilm.PACKAGE, reason=minilm.INSTALL_HINT)
 
@@ -18,7 +18,8 @@ def params():
   return minilm.load_params()
 
 
-def test_gptq_checkpoint_round_trip_through_the_cli(tmp_path):
+def test_gptq_checkpoint_round_trip_through_the_cli(tmp_path, monkeypatch):
+  monkeypatch.setattr(evaluate, "CALIBRATION_SENTENCES", 128)  # half the default: quicker
   out = tmp_path / "gptq"
   assert cli.main(["quantize", "--recipe", "w4g128-gptq", "--out", str(out)]) == 0
   report = json.loads((out / "report.json").read_text())
@@ -40,11 +41,17 @@ def test_mixed_precision_chooses_widths_under_the_budget(params):
 
   recipe = load_recipe("mixed:avg_bits=5")
   batches = evaluate.minilm_batches(data.calibration_sentences(32), batch_size=16)
-  rules, info = choose_mixed_rules(minilm.MiniLM(), params, recipe.rules, batches, 5.0)
-  assert info["average_bits"] <= 5.0 and set(info["bits"].values()) <= {4, 8, 16}
-  assert 8 in info["bits"].values() or 16 in info["bits"].values()
-  widths = {r.path: r.spec.bits for r in plan(params, rules).quantized}
-  assert all(widths[p] == b for p, b in info["bits"].items())
+  choices = ("int4:g128:asym", "int8", "bf16")  # one GPTQ per layer: quick
+  rules, info = choose_mixed_rules(minilm.MiniLM(), params, recipe.rules, batches, 5.0,
+                                   sensitivity="hessian", choices=choices,
+                                   row_mask=lambda batch: batch[1])  # fmt: skip
+  assert info["average_bits"] <= 5.0 and set(info["specs"].values()) <= set(choices)
+  assert len(info["specs"]) == 36 and set(info["specs"].values()) != {"int4:g128:asym"}
+  specs = {r.path: str(r.spec) for r in plan(params, rules).quantized}
+  assert all(specs[p] == c for p, c in info["specs"].items())
+  stored = sum(mixed.stored_bits(c, np.shape(w)) for p, w in named_leaves(params)
+               if (c := info["specs"].get(p)))  # fmt: skip
+  assert stored / sum(np.size(w) for p, w in named_leaves(params) if p in specs) <= 5.0
 
 
 def test_hqq_recipe_works_on_any_safetensors_file(tmp_path):
@@ -73,7 +80,7 @@ def test_data_driven_recipes_need_a_runnable_model(tmp_path, capsys):
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "recipe, floor",
-    [("w4g128-gptq", 0.985), ("w4g128-awq", 0.975), ("mixed:avg_bits=5", 0.995)],
+    [("w4g128-gptq", 0.985), ("w4g128-awq", 0.98), ("mixed:avg_bits=5", 0.995)],
 )
 def test_ptq_fidelity_targets(params, recipe, floor):
   sentences = data.evaluation_sentences(512)

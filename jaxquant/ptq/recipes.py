@@ -68,9 +68,11 @@ def output_errors(model, params, trials, batches, output_fn=None) -> dict:
 
 def alone_weights(w: np.ndarray, h: np.ndarray, spec, config: GPTQConfig) -> np.ndarray:
   """What kernel ``w [in, out]`` serves as under `spec` when it alone is quantized: GPTQ on
-  its float-input ``h = XᵀX`` for integer specs it supports, round to nearest otherwise."""
+  its float-input ``h = XᵀX`` below 8 bits, round to nearest otherwise (at 8 bits and up the
+  error is already small, and GPTQ only lowers it further)."""
   spec = as_spec(spec)
-  q = gptq_quantize(w, h, spec, config)[0] if gptq_eligible(spec, w.shape) else quantize(w, spec)
+  gptq = spec.bits < 8 and gptq_eligible(spec, w.shape)
+  q = gptq_quantize(w, h, spec, config)[0] if gptq else quantize(w, spec)
   return np.asarray(dequantize(q, jnp.float32))
 
 
@@ -81,8 +83,8 @@ def choose_mixed_rules(model, params, rules, batches, avg_bits: float,
                        ) -> tuple[list[Rule], dict]:  # fmt: skip
   """Rules with a format per layer from `choices` (see `jaxquant.mixed`).
 
-  Every layer is quantized alone by every choice as it will be served (GPTQ for the integer
-  formats, on its Hessian from the float model). ``sensitivity="output"`` (default) scores a
+  Every layer is quantized alone by every choice (`alone_weights`: GPTQ for 4 bits, on its
+  Hessian from the float model). ``sensitivity="output"`` (default) scores a
   choice by the model-output error it causes on the first `sensitivity_batches` batches;
   ``"hessian"`` by ``tr(ΔWᵀHΔW) / n`` alone. Costs are stored bits with scales and zero
   points (`mixed.stored_bits`), so ``avg_bits`` is what the kernels really take.
