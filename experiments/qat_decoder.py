@@ -103,12 +103,13 @@ def main() -> None:
   parser.add_argument("--lr", type=float, default=3e-3)
   parser.add_argument("--quick", action="store_true", help="a few steps, for CI")
   parser.add_argument("--render", action="store_true",
-                      help="rewrite the Markdown table from the saved JSON, training nothing")
+                      help="rewrite the table and plot from the saved JSON, training nothing")
   args = parser.parse_args()
   if args.render:
     result = json.loads((RESULTS / "qat_decoder.json").read_text())
     result["recovered"] = recovered_shares(result["rows"])
     (RESULTS / "qat_decoder.md").write_text(render(result) + "\n")
+    plot(result, RESULTS / "qat_decoder.png")
     print(render(result))
     return
   steps, qat_steps = (20, 8) if args.quick else (args.steps, args.qat_steps)
@@ -177,7 +178,7 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "qat_decoder.md").write_text(render(result) + "\n")
     (RESULTS / "qat_decoder.json").write_text(json.dumps(result, indent=1))
-    plot(curves, steps - qat_steps, RESULTS / "qat_decoder.png")
+    plot(result, RESULTS / "qat_decoder.png")
 
 
 def recovered_shares(rows: list[dict]) -> dict[str, dict[str, float]]:
@@ -215,23 +216,35 @@ def render(result: dict) -> str:
   return "\n".join(lines)
 
 
-def plot(curves: dict, qat_start: int, path: Path) -> None:
+def plot(result: dict, path: Path) -> None:
+  """Training curves (left) and held-out loss per run (right)."""
   import matplotlib
 
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  fig, ax = plt.subplots(figsize=(7, 4.5))
-  for name, curve in curves.items():
+  qat_start = result["steps"] - result["qat_steps"]
+  fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [3, 2]})
+  for name, curve in result["curves"].items():
     c = np.convolve(curve, np.ones(20) / 20, mode="valid")
-    ax.plot(np.arange(len(c)) + 20, c, label=name)
+    ax.plot(np.arange(len(c)) + 20, c, label=name, lw=1)
   ax.axvline(qat_start, color="grey", lw=0.8, ls="--")
   ax.text(qat_start, ax.get_ylim()[1], " QAT fine-tuning starts", va="top", fontsize=8)
   ax.set_xlabel("step")
   ax.set_ylabel("training loss (nats/byte, 20-step mean)")
   ax.set_title("byte-level decoder on the stdlib source")
-  ax.legend()
+  ax.legend(fontsize=8)
   ax.grid(alpha=0.3)
+  rows = result["rows"]
+  names = [r["run"] for r in rows]
+  losses = [r["heldout_loss"] for r in rows]
+  colors = ["tab:blue" if "ptq" not in n else "tab:orange" for n in names]
+  bx.barh(names, losses, color=colors)
+  bx.set_xlim(min(losses) - 0.01, max(losses) + 0.005)
+  bx.invert_yaxis()
+  bx.set_xlabel("held-out loss (nats/byte)")
+  bx.set_title("blue: trained; orange: PTQ of the FP32 model", fontsize=10)
+  bx.grid(alpha=0.3, axis="x")
   fig.tight_layout()
   fig.savefig(path, dpi=120)
 
