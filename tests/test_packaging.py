@@ -9,7 +9,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_every_subpackage_is_listed_for_the_wheel():
   config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
   listed = set(config["packages"])
-  found = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "jaxquant").rglob("__init__.py")}
+  inits = (ROOT / "jaxquant").rglob("__init__.py")
+  found = {".".join(p.parent.relative_to(ROOT).parts) for p in inits}
   assert found <= listed, f"add {sorted(found - listed)} to [tool.setuptools] packages"
   assert config["package-dir"]["jaxquant.recipes"] == "configs"
   assert list((ROOT / "configs").glob("*.yaml")), "the recipes ship as jaxquant.recipes"

@@ -214,7 +214,7 @@ def _scales_gn(t: jax.Array | None, q: QArray, rc: int, groups: int) -> jax.Arra
   """Scale or zero point of 2-D `q` as ``[groups, N]`` (N: the free axis)."""
   if t is None:
     return None
-  k, n = q.shape[rc], q.shape[1 - rc]
+  n = q.shape[1 - rc]
   if q.spec.granularity == "group":
     t = t.reshape((groups, n) if rc == 0 else (n, groups))
     return t if rc == 0 else t.T
