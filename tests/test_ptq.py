@@ -240,7 +240,7 @@ def test_row_mask_keeps_padding_out_of_the_calibration_statistics():
   model, params, batches = _two_blocks()
   rules = jq.default_rules("int4:g16:asym")
   padded = [(jnp.concatenate([b[0], 100.0 * jnp.ones((2, 4, 32))], axis=1),) for b in batches]
-  real = lambda batch: jnp.arange(batch[0].shape[1]) < 16  # noqa: E731
+  real = lambda batch: jnp.arange(batch[0].shape[1]) < 16
   path = "layers_0_up/kernel"
   want = capture(model, params, rules, batches, hessian_observer([path]))[path]
   got = capture(model, params, rules, padded, hessian_observer([path]), real)[path]

@@ -104,7 +104,7 @@ def capture(
     obs = observer
     if row_mask is not None:
       mask = row_mask(args)
-      obs = lambda path, previous, x: observer(path, previous, x, mask)  # noqa: E731
+      obs = lambda path, previous, x: observer(path, previous, x, mask)
     return cal.apply({"params": p}, *args, stats=acc, observer=obs)[1]
 
   jitted = jax.jit(step)
