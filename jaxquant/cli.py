@@ -49,6 +49,7 @@ def _write_text_atomic(path: Path, text: str) -> None:
   fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
   with os.fdopen(fd, "w") as f:
     f.write(text)
+  os.chmod(tmp, io.regular_file_mode())
   os.replace(tmp, path)
 
 
@@ -185,6 +186,7 @@ def cmd_embed(args) -> int:
   fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".npy")
   with os.fdopen(fd, "wb") as f:
     np.save(f, emb)
+  os.chmod(tmp, io.regular_file_mode())
   os.replace(tmp, out)
   console.print(f"{len(sentences)} embeddings [{emb.shape[0]}, {emb.shape[1]}] -> {out} "
                 f"({encoder.name})")

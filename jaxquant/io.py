@@ -119,11 +119,19 @@ def save(path: str | os.PathLike, tree) -> Path:
     safetensors.serialize_file(specs, tmp, metadata={FORMAT_NAME: json.dumps(header)})
     with open(tmp, "rb") as f:
       os.fsync(f.fileno())
+    os.chmod(tmp, regular_file_mode())  # mkstemp makes 0600; a checkpoint is an ordinary file
     os.replace(tmp, target)
   except BaseException:
     Path(tmp).unlink(missing_ok=True)
     raise
   return target
+
+
+def regular_file_mode() -> int:
+  """The mode `open()` gives a new file: ``0o666`` less the process umask."""
+  umask = os.umask(0)
+  os.umask(umask)
+  return 0o666 & ~umask
 
 
 def read_header(path: str | os.PathLike) -> dict:

@@ -2,6 +2,7 @@
 
 import json
 import os
+import stat
 
 import jax
 import jax.numpy as jnp
@@ -132,3 +133,10 @@ def test_foreign_files_are_named_as_such(tmp_path):
   junk.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!")
   with pytest.raises(ValueError, match="not a safetensors file"):
     jq.load(junk)
+
+
+def test_saved_checkpoint_has_ordinary_file_permissions(tmp_path):
+  path = jq.save(tmp_path / "m.safetensors", {"w": jq.quantize(jnp.ones((4, 4)), "int8")})
+  umask = os.umask(0)
+  os.umask(umask)
+  assert stat.S_IMODE(os.stat(path).st_mode) == 0o666 & ~umask
