@@ -18,6 +18,7 @@ import numpy as np
 from jaxquant import data
 from jaxquant.flax import quantize_model
 from jaxquant.models import minilm
+from jaxquant.ops import serving_layout
 from jaxquant.rules import Recipe, Rule, load_recipe
 from jaxquant.transforms import dequantize_params, named_leaves
 
@@ -141,6 +142,8 @@ def minilm_encoder(
     stats = calibrate_minilm(rules, dequantize_params(qparams), sentences)
   model = quantize_model(minilm.MiniLM(), rules, "serve", calibration=stats)
   total, kernels = _bytes(qparams)
+  if jax.default_backend() == "cpu":  # integer codes stored [out, in]: XLA:CPU's fast layout
+    qparams = serving_layout(qparams)
   return Encoder(recipe.name, model.apply, {"params": qparams}, total, kernels)
 
 
