@@ -4,7 +4,10 @@ Runs `jaxquant eval` over the recipes (quantizing each on standard-library docst
 embedding held-out docstrings from other modules), writes a Markdown table and JSON, and plots
 mean cosine to float32 against encoder-kernel bytes.
 
-    python experiments/ptq_minilm.py [--recipes ...] [-n 512]
+    python experiments/ptq_minilm.py [--recipes ...] [-n 512] [--update]
+
+``--update`` evaluates only the listed recipes and merges their rows into the existing results
+(replacing rows of the same recipe, keeping the others in order).
 """
 
 from __future__ import annotations
@@ -41,15 +44,33 @@ def plot(rows: list[dict], path: Path) -> None:
   fig.savefig(path, dpi=120)
 
 
+def merge(old: dict, new: dict) -> dict:
+  """`old` results with `new`'s rows in place of same-recipe rows (new recipes appended)."""
+  if old["sentences"] != new["sentences"]:
+    raise ValueError(f"results on {old['sentences']} sentences, update on {new['sentences']}.")
+  fresh = {r["recipe"]: r for r in new["rows"]}
+  rows = [fresh.pop(r["recipe"], r) for r in old["rows"]]
+  return {**old, "rows": rows + list(fresh.values())}
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--recipes", default=RECIPES)
   parser.add_argument("-n", type=int, default=512)
+  parser.add_argument("--update", action="store_true",
+                      help="merge the listed recipes' rows into the existing results")  # fmt: skip
   args = parser.parse_args()
   RESULTS.mkdir(exist_ok=True)
   out = RESULTS / "ptq_minilm.json"
-  cli.main(["eval", "--recipes", args.recipes, "-n", str(args.n), "--json", str(out)])
-  result = json.loads(out.read_text())
+  if args.update:
+    fresh = RESULTS / "ptq_minilm.update.json"
+    cli.main(["eval", "--recipes", args.recipes, "-n", str(args.n), "--json", str(fresh)])
+    result = merge(json.loads(out.read_text()), json.loads(fresh.read_text()))
+    fresh.unlink()
+    out.write_text(json.dumps(result, indent=1))
+  else:
+    cli.main(["eval", "--recipes", args.recipes, "-n", str(args.n), "--json", str(out)])
+    result = json.loads(out.read_text())
   lines = ["| recipe | mean cos | min cos | top-5 agree | encoder kernels MiB | embed s |",
            "|---|---|---|---|---|---|"]  # fmt: skip
   for r in result["rows"]:
