@@ -182,23 +182,6 @@ def _choose_serve(lhs_ndim, rhs: QArray, dims, lhs_spec, lhs_shape, force, backe
   return Lowering("dequant", f"{why}: weights dequantized in the graph, activations simulated")
 
 
-def _lhs_scale_to_out(s: jax.Array, lb, lfree, lc, n_rhs_free: int) -> jax.Array:
-  s = jnp.transpose(s, tuple(lb) + tuple(lfree) + tuple(lc))
-  s = s.reshape(s.shape[: len(lb) + len(lfree)])
-  return s.reshape(s.shape + (1,) * n_rhs_free)
-
-
-def _rhs_scale_to_out(s: jax.Array, rb, rfree, rc, n_lhs_free: int) -> jax.Array:
-  s = jnp.transpose(s, tuple(rb) + tuple(rfree) + tuple(rc))
-  s = s.reshape(s.shape[: len(rb) + len(rfree)])
-  return s.reshape(s.shape[: len(rb)] + (1,) * n_lhs_free + s.shape[len(rb) :])
-
-
-def _free(ndim: int, *used) -> tuple[int, ...]:
-  taken = {a for axes in used for a in axes}
-  return tuple(a for a in range(ndim) if a not in taken)
-
-
 # --------------------------------------------------------------------------- the seam
 def qdot_general(
     lhs: jax.Array,
@@ -263,11 +246,7 @@ def qdot_general(
     axes = activation_axes(act, lhs.ndim, lc)
     q_lhs, s_lhs, _ = quantize_along(lhs, act, axes, scale=lhs_scale if lhs_spec else None)
     acc = low.int8_dot(q_lhs, rhs, dims, lowering.pad_rows)
-    lfree, rfree = _free(lhs.ndim, lc, lb), _free(rhs.ndim, rc, rb)
-    s_l = _lhs_scale_to_out(jnp.broadcast_to(s_lhs, _keep_shape(lhs.shape, axes)), lb, lfree,
-                            lc, len(rfree))  # fmt: skip
-    s_r = _rhs_scale_to_out(rhs.scale, rb, rfree, rc, len(lfree))
-    return (acc.astype(jnp.float32) * s_l * s_r).astype(out_dtype)
+    return low.rescale(acc, s_lhs, rhs.scale, tuple(lhs.shape), rhs.ndim, dims).astype(out_dtype)
 
   # float paths: weights dequantized (or fake-quantized), activations quantize-dequantized
   w = float_weights(rhs, rhs_spec, lhs.dtype)
@@ -287,10 +266,6 @@ def float_weights(rhs, rhs_spec: QuantSpec | None, dtype) -> jax.Array:
   if rhs_spec is not None:
     return fake_quant(jnp.asarray(rhs), rhs_spec)
   return jnp.asarray(rhs)
-
-
-def _keep_shape(shape: tuple[int, ...], axes: tuple[int, ...]) -> tuple[int, ...]:
-  return tuple(1 if a in axes else d for a, d in enumerate(shape))
 
 
 def explain(

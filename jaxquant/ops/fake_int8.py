@@ -37,6 +37,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxquant.numerics import find_range, quantize_along, scale_from_range
+from jaxquant.ops.lowerings import rescale
 from jaxquant.spec import QuantSpec
 
 SteBackward = Literal["float", "quantized"]
@@ -115,20 +116,8 @@ def _forward(lhs, rhs, dims, lhs_spec, rhs_spec, lhs_axes, lhs_scale):
   q_l, s_l = _quantize(lhs, lhs_spec, lhs_axes, lhs_scale)
   q_r, s_r = _quantize(rhs, rhs_spec, _weight_axes(rhs_spec, rhs.ndim), None)
   acc = lax.dot_general(q_l, q_r, dims, preferred_element_type=jnp.int32)
-  out = _rescale(acc, s_l, s_r, lhs.ndim, rhs.ndim, dims).astype(lhs.dtype)
+  out = rescale(acc, s_l, s_r, tuple(lhs.shape), rhs.ndim, dims).astype(lhs.dtype)
   return out, (q_l, s_l, q_r, s_r)
-
-
-def _rescale(acc, s_l, s_r, lhs_ndim, rhs_ndim, dims) -> jax.Array:
-  """``acc · s_l · s_r`` with the scales moved to dot_general's output layout."""
-  (lc, rc), (lb, rb) = dims
-  lfree = tuple(a for a in range(lhs_ndim) if a not in lc and a not in lb)
-  rfree = tuple(a for a in range(rhs_ndim) if a not in rc and a not in rb)
-  s_l = jnp.transpose(s_l, lb + lfree + lc).reshape(
-      tuple(s_l.shape[a] for a in lb + lfree) + (1,) * len(rfree))
-  s_r = jnp.transpose(s_r, rb + rfree + rc).reshape(
-      tuple(s_r.shape[a] for a in rb) + (1,) * len(lfree) + tuple(s_r.shape[a] for a in rfree))
-  return acc.astype(jnp.float32) * s_l * s_r
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6))

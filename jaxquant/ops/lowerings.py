@@ -271,6 +271,30 @@ def w4a8_dot(q_lhs: jax.Array, s_lhs: jax.Array, q: QArray, dims, pad: int) -> j
   return (out * s).reshape(lead + (n,))
 
 
+def free_axes(ndim: int, *used: tuple[int, ...]) -> tuple[int, ...]:
+  """Axes of an ``ndim``-d operand that are in none of `used` (contracting, batch)."""
+  taken = {a for axes in used for a in axes}
+  return tuple(a for a in range(ndim) if a not in taken)
+
+
+def rescale(acc: jax.Array, s_lhs: jax.Array, s_rhs: jax.Array, lhs_shape: tuple[int, ...],
+            rhs_ndim: int, dims) -> jax.Array:  # fmt: skip
+  """``acc · s_lhs · s_rhs`` in float32, the scales moved to `dot_general`'s output layout
+  ``[batch..., lhs free..., rhs free...]``.
+
+  `s_lhs` broadcasts against ``lhs`` with size 1 along the contraction (per token or one
+  scalar); `s_rhs` has the weights' rank with size 1 along the contraction (per channel).
+  """
+  (lc, rc), (lb, rb) = dims
+  lfree, rfree = free_axes(len(lhs_shape), lc, lb), free_axes(rhs_ndim, rc, rb)
+  s_l = jnp.broadcast_to(s_lhs, tuple(1 if a in lc else d for a, d in enumerate(lhs_shape)))
+  s_l = jnp.transpose(s_l, lb + lfree + lc).reshape(
+      tuple(s_l.shape[a] for a in lb + lfree) + (1,) * len(rfree))
+  s_r = jnp.transpose(s_rhs, rb + rfree + rc).reshape(
+      tuple(s_rhs.shape[a] for a in rb) + (1,) * len(lfree) + tuple(s_rhs.shape[a] for a in rfree))
+  return acc.astype(jnp.float32) * s_l * s_r
+
+
 def quantize_rows(lhs: jax.Array, spec: QuantSpec, axes, scale) -> tuple[jax.Array, jax.Array]:
   """int8 codes of the activations and their scale (keepdims over `axes`)."""
   q, s, _ = quantize_along(lhs, spec, axes, scale=scale)
