@@ -19,8 +19,6 @@ import argparse
 import functools
 import json
 import platform
-import statistics
-import time
 from pathlib import Path
 
 import jax
@@ -29,6 +27,7 @@ import numpy as np
 
 import jaxquant as jq
 from jaxquant import flax as jqf
+from jaxquant.bench import time_interleaved
 from jaxquant.models.decoder import (
     Decoder,
     DecoderConfig,
@@ -66,20 +65,6 @@ def serving(cfg: DecoderConfig, params: dict, recipe: str):
 
 def _nbytes(tree) -> int:
   return sum(leaf.nbytes for _, leaf in jq.transforms.named_leaves(tree))
-
-
-def time_interleaved(fns: dict, prompt, repeats: int) -> dict:
-  """Median seconds of one whole generation per variant, timed in interleaved rounds (each
-  round runs every variant once) so that load drifting on a shared machine hits all alike."""
-  for fn in fns.values():
-    fn(prompt).block_until_ready()  # compile
-  times = {name: [] for name in fns}
-  for _ in range(repeats):
-    for name, fn in fns.items():
-      start = time.perf_counter()
-      fn(prompt).block_until_ready()
-      times[name].append(time.perf_counter() - start)
-  return {name: statistics.median(t) for name, t in times.items()}
 
 
 def max_logit_diff(model, variables, ref_logits, tokens, cache: str, cfg: DecoderConfig) -> float:
@@ -126,7 +111,8 @@ def main() -> None:
         print(f"{cname} {recipe:7s} kv={cache:7s}: max |Δlogit| {diff:.4f}", flush=True)
     for b in batches:
       prompt = jnp.asarray(rng.integers(0, 256, (b, args.prompt)), jnp.int32)
-      seconds = time_interleaved(fns, prompt, repeats)
+      calls = {name: (lambda fn=fn: fn(prompt)) for name, fn in fns.items()}
+      seconds = time_interleaved(calls, repeats)[0]
       for (recipe, cache), sec in seconds.items():
         wbytes, diff = served[recipe, cache]
         kv = cache_bytes(init_cache(cfg, b, args.prompt + steps, cache))

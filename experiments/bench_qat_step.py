@@ -14,18 +14,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 import jaxquant as jq
 from jaxquant import training
+from jaxquant.bench import time_interleaved
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -73,27 +72,17 @@ def qwix_step(model, opt) -> Callable | None:
   return plain_step(qmodel, opt)
 
 
-def time_rounds(steps: dict[str, tuple[Callable, object]], batch, rounds: int):
-  """Median wall and process-CPU seconds per step, each variant once per round (interleaved).
+def time_steps(steps: dict[str, tuple[Callable, object]], batch, rounds: int):
+  """Median wall and CPU seconds per step (`jaxquant.bench.time_interleaved`), each variant
+  carrying its own state from step to step."""
+  states = {name: state for name, (_, state) in steps.items()}
 
-  CPU time (all of this process's threads) is less disturbed by other processes on a shared
-  machine than wall time; on an idle machine the two give the same ratios."""
-  states = {k: s for k, (_, s) in steps.items()}
-  for name, (fn, _) in steps.items():  # compile and warm up
-    for _ in range(2):
-      states[name], _ = fn(states[name], batch)
-    jax.block_until_ready(states[name])
-  wall: dict[str, list[float]] = {k: [] for k in steps}
-  cpu: dict[str, list[float]] = {k: [] for k in steps}
-  for _ in range(rounds):
-    for name, (fn, _) in steps.items():
-      start, start_cpu = time.perf_counter(), time.process_time()
-      states[name], loss = fn(states[name], batch)
-      jax.block_until_ready((states[name], loss))
-      wall[name].append(time.perf_counter() - start)
-      cpu[name].append(time.process_time() - start_cpu)
-  median = lambda d: {k: float(np.median(v)) for k, v in d.items()}  # noqa: E731
-  return median(wall), median(cpu)
+  def call(name, fn):
+    states[name], loss = fn(states[name], batch)
+    return states[name], loss
+
+  calls = {name: (lambda name=name, fn=fn: call(name, fn)) for name, (fn, _) in steps.items()}
+  return time_interleaved(calls, rounds, warmup=2)
 
 
 def main() -> None:
@@ -123,7 +112,7 @@ def main() -> None:
   qwix = qwix_step(model, opt)
   if qwix is not None:
     steps["qwix 0.1.8 int8 QAT (w8a8)"] = (qwix, (params, opt.init(params)))
-  wall, cpu = time_rounds(steps, batch, rounds)
+  wall, cpu = time_steps(steps, batch, rounds)
   base, base_cpu = wall["fp32 (plain jax + optax)"], cpu["fp32 (plain jax + optax)"]
   lines = [f"{model.depth}-layer MLP, width {width}, batch {batch_rows}, adam; "
            f"median of {rounds} interleaved rounds on {jax.devices()[0].device_kind} "

@@ -14,13 +14,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
+
+from jaxquant.bench import time_interleaved
 
 RESULTS = Path(__file__).parent / "results"
 DENSE = (((1,), (0,)), ((), ()))
@@ -46,18 +46,6 @@ def variants(m: int, k: int, n: int) -> dict:
   return out
 
 
-def time_interleaved(fns: dict, rounds: int) -> dict[str, float]:
-  for fn, args in fns.values():
-    jax.block_until_ready(fn(*args))
-  times: dict[str, list[float]] = {name: [] for name in fns}
-  for _ in range(rounds):
-    for name, (fn, args) in fns.items():
-      start = time.perf_counter()
-      jax.block_until_ready(fn(*args))
-      times[name].append(time.perf_counter() - start)
-  return {name: 1e3 * float(np.median(t)) for name, t in times.items()}
-
-
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--rounds", type=int, default=15)
@@ -73,7 +61,9 @@ def main() -> None:
            "", "| M | operation | median ms | × vs f32 |", "|---|---|---|---|"]  # fmt: skip
   result = {}
   for m in rows:
-    med = time_interleaved(variants(m, k, n), rounds)
+    calls = {name: (lambda fn=fn, args=args: fn(*args))
+             for name, (fn, args) in variants(m, k, n).items()}  # fmt: skip
+    med = {name: 1e3 * s for name, s in time_interleaved(calls, rounds)[0].items()}
     result[m] = med
     for name, ms in med.items():
       lines.append(f"| {m} | {name} | {ms:.2f} | {med['f32 x @ w'] / ms:.2f} |")

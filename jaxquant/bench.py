@@ -98,6 +98,28 @@ def _qwix(w: jax.Array, x: jax.Array) -> list[Variant]:
   return out
 
 
+def time_interleaved(calls: dict[str, Callable[[], object]], rounds: int, warmup: int = 1):
+  """Median wall and process-CPU seconds of each zero-argument call, ``(wall, cpu)`` dicts.
+
+  Every round runs each call once, so load drifting on a shared machine hits all alike; CPU
+  time (all of this process's threads) is the less disturbed of the two. Each call's result is
+  waited for (`jax.block_until_ready`); `warmup` untimed calls compile first.
+  """
+  for call in calls.values():
+    for _ in range(warmup):
+      jax.block_until_ready(call())
+  wall: dict[str, list[float]] = {name: [] for name in calls}
+  cpu: dict[str, list[float]] = {name: [] for name in calls}
+  for _ in range(rounds):
+    for name, call in calls.items():
+      start, start_cpu = time.perf_counter(), time.process_time()
+      jax.block_until_ready(call())
+      wall[name].append(time.perf_counter() - start)
+      cpu[name].append(time.process_time() - start_cpu)
+  median = lambda d: {k: statistics.median(v) for k, v in d.items()}  # noqa: E731
+  return median(wall), median(cpu)
+
+
 def _time(v: Variant, x: jax.Array) -> None:
   start = time.perf_counter()
   v.fn(x, v.params).block_until_ready()
