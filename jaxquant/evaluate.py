@@ -22,7 +22,11 @@ from jaxquant.ops import serving_layout
 from jaxquant.rules import Recipe, Rule, load_recipe
 from jaxquant.transforms import dequantize_params, named_leaves
 
-CALIBRATION_SENTENCES = 256
+CALIBRATION_SENTENCES = 256  # static activation ranges
+# GPTQ/AWQ/SmoothQuant/mixed statistics: GPTQ fits its calibration set, and more text
+# generalises better (w4g128-gptq on held-out text: 0.98894 / 0.98975 / 0.99011 mean cosine at
+# 256 / 512 / 1024 sentences).
+PTQ_CALIBRATION_SENTENCES = 1024
 
 
 def needs_calibration(rules: Sequence[Rule]) -> bool:
@@ -76,7 +80,7 @@ def quantize_minilm(
   params = minilm.load_params() if params is None else params
   batches = None
   if recipe.method in NEEDS_DATA:
-    sentences = calibration_sentences or data.calibration_sentences(CALIBRATION_SENTENCES)
+    sentences = calibration_sentences or data.calibration_sentences(PTQ_CALIBRATION_SENTENCES)
     batches = minilm_batches(sentences)
   return apply_recipe(recipe, params, minilm.MiniLM(), batches, minilm.smoothing_groups(),
                       progress=progress, output_fn=_sentence_embedding,
@@ -126,19 +130,20 @@ def minilm_encoder(
 ) -> Encoder:
   """MiniLM quantized by `recipe` (``fp32`` or a recipe with no rules is the float model).
 
-  `qparams` (e.g. from `jaxquant.load`) skips quantizing; static activation recipes are
-  calibrated on `calibration_sentences` (default: the standard library's docstrings from
-  `jaxquant.data.calibration_sentences`, never the evaluation text).
+  `qparams` (e.g. from `jaxquant.load`) skips quantizing; data-driven recipes and static
+  activation ranges are calibrated on `calibration_sentences` (default: the first
+  `PTQ_CALIBRATION_SENTENCES` or `CALIBRATION_SENTENCES` of the standard library's docstrings
+  from `jaxquant.data.calibration_sentences`, never the evaluation text).
   """
   recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
   params = minilm.load_params() if params is None else params
   rules = recipe.rules
-  sentences = calibration_sentences or data.calibration_sentences(CALIBRATION_SENTENCES)
   if qparams is None:
-    result = quantize_minilm(recipe, params, sentences)
+    result = quantize_minilm(recipe, params, calibration_sentences)
     qparams, rules = result.qparams, result.rules
   stats = None
   if needs_calibration(rules):
+    sentences = calibration_sentences or data.calibration_sentences(CALIBRATION_SENTENCES)
     stats = calibrate_minilm(rules, dequantize_params(qparams), sentences)
   model = quantize_model(minilm.MiniLM(), rules, "serve", calibration=stats)
   total, kernels = _bytes(qparams)

@@ -4,9 +4,10 @@ Each layer ``l`` has a few choices ``c`` (4-bit with groups of 128, 64 or 32, in
 bf16), each with an error ``e_l(c)`` — the model-output error when that layer alone is
 quantized by ``c`` (`jaxquant.ptq.recipes.choose_mixed_rules`), or its Hessian proxy
 ``tr(ΔWᵀ H ΔW) / n`` with ``ΔW = W − Q_c(W)`` and ``H = XᵀX`` — and a cost ``b_l(c)``, the
-bits it stores **including its scales and zero points** (`stored_bits`: int4 g128 with f32
-scales and int8 zero points is 4.3125 bits a weight, g64 4.625, g32 5.25, int8 per channel
-8 + 32/d_in). `allocate` then solves the multiple-choice knapsack
+bits it stores **including its scales and zero points** (`stored_bits`: int4 g128 with f16
+scales and int8 zero points is 4.1875 bits a weight, g64 4.375, g32 4.75, int8 per channel
+8 + 16/d_in; with f32 scales 4.3125, 4.625, 5.25). `allocate` then solves the multiple-choice
+knapsack
 
     min Σ_l e_l(c_l)   subject to   Σ_l b_l(c_l) ≤ avg_bits · Σ_l n_l
 
@@ -28,7 +29,12 @@ from jaxquant.rules import Rule
 from jaxquant.spec import QuantSpec, as_spec
 
 CANDIDATES: dict[int, str] = {4: "int4:g128:asym", 8: "int8", 16: "bf16"}
-CHOICES: tuple[str, ...] = ("int4:g128:asym", "int4:g64:asym", "int4:g32:asym", "int8", "bf16")
+# 4-bit choices clip each group's range by least squared error (GPTQ's "mse" grid); scales are
+# stored as float16, as GPTQ/AWQ checkpoints keep them.
+CHOICES: tuple[str, ...] = (
+    "int4:g128:asym:mse:scale=f16", "int4:g64:asym:mse:scale=f16", "int4:g32:asym:mse:scale=f16",
+    "int8:scale=f16", "bf16",
+)
 
 
 def sensitivity(w: np.ndarray, h: np.ndarray, n: float, spec: QuantSpec) -> float:

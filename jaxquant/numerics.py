@@ -20,6 +20,7 @@ import statistics
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 
 from jaxquant import calibration
@@ -110,8 +111,23 @@ def find_range(xv: jax.Array, axes: tuple[int, ...], spec: QuantSpec):
 
 
 # --------------------------------------------------------------------------- step 2: scale
+def stored_scale(scale: jax.Array, spec: QuantSpec) -> jax.Array:
+  """`scale` as the spec's scale dtype holds it: clipped into the dtype's normal range, then
+  rounded **up**, so that the stored scale never clips the range it was computed from (a range
+  too small for the dtype gets its smallest normal scale: fewer levels, never a zero scale)."""
+  dtype = spec.scale_storage
+  if dtype == np.float32:
+    return scale
+  finfo = ml_dtypes.finfo(dtype)
+  scale = jnp.clip(scale, float(finfo.smallest_normal), float(finfo.max))
+  nearest = scale.astype(dtype)
+  up = jnp.nextafter(nearest, jnp.asarray(jnp.inf, dtype))
+  return jnp.where(nearest.astype(jnp.float32) < scale, up, nearest)
+
+
 def scale_from_range(lo: jax.Array, hi: jax.Array, spec: QuantSpec):
-  """``(scale, zero_point)`` for the range; zero_point is None when symmetric."""
+  """``(scale, zero_point)`` for the range, the scale as stored (`stored_scale`) and the zero
+  point from it; zero_point is None when symmetric."""
   info = spec.info
   lo = jnp.minimum(lo, 0.0).astype(jnp.float32)
   hi = jnp.maximum(hi, 0.0).astype(jnp.float32)
@@ -120,9 +136,9 @@ def scale_from_range(lo: jax.Array, hi: jax.Array, spec: QuantSpec):
     # Multiply by the reciprocal constant: XLA rewrites x / c that way under jit anyway,
     # and eager and jitted results must agree to the bit.
     scale = amax * (1.0 if info.kind == "codebook" else 1.0 / info.qmax)
-    return jnp.where(scale >= _TINY, scale, 1.0), None
+    return stored_scale(jnp.where(scale >= _TINY, scale, 1.0), spec), None
   scale = (hi - lo) * (1.0 / (info.qmax - info.qmin))
-  scale = jnp.where(scale >= _TINY, scale, 1.0)
+  scale = stored_scale(jnp.where(scale >= _TINY, scale, 1.0), spec)
   zero_point = jnp.clip(info.qmin - jnp.round(lo / scale), info.qmin, info.qmax)
   return scale, zero_point.astype(info.storage)
 
@@ -200,7 +216,7 @@ def _noise(key, shape, spec: QuantSpec):
 def _given_or_computed(xv, axes, spec, scale, zero_point):
   if scale is None:
     return scale_from_range(*find_range(xv, axes, spec), spec)
-  scale = jnp.asarray(scale, jnp.float32)
+  scale = stored_scale(jnp.asarray(scale, jnp.float32), spec)
   if zero_point is None and not spec.symmetric:
     raise ValueError(f"Spec {spec} is asymmetric: pass zero_point together with scale.")
   return scale, zero_point

@@ -25,7 +25,8 @@ class QArray:
   Attributes:
     values: the stored codes. int8/uint8 integers, FP8 floats, NF4 indices, or bf16 for the
       cast format; 4-bit formats with ``packed=True`` hold ``uint8[..., ceil(n/2)]``.
-    scale: float32, broadcastable to the logical shape (to the grouped view
+    scale: stored in the spec's scale dtype (float32 unless ``scale=f16``/``bf16``), broadcastable
+      to the logical shape (to the grouped view
       ``shape[:a] + (n // G, G) + shape[a+1:]`` for group granularity); None for casts.
     zero_point: integer codes of 0.0 with the shape of `scale`, or None when symmetric.
     spec: the `QuantSpec` the tensor was quantized with.

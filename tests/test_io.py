@@ -17,7 +17,8 @@ from jaxquant.io import read_header
 from jaxquant.transforms import named_leaves
 
 SPECS = ["int8", "int8:token", "uint8:tensor", "int4:g16", "int4:g16:asym", "uint4:g32",
-         "nf4:g16", "fp8_e4m3", "fp8_e5m2", "bf16"]  # fmt: skip
+         "nf4:g16", "fp8_e4m3", "fp8_e5m2", "bf16", "int4:g16:asym:scale=f16",
+         "int8:scale=bf16"]  # fmt: skip
 
 
 def _tree(spec):
@@ -55,7 +56,9 @@ def test_round_trip_is_exact(tmp_path, spec):
   _assert_same(tree, loaded)
 
 
-@pytest.mark.parametrize("spec", ["int8", "int4:g128", "int4:g128:asym", "nf4:g64"])
+@pytest.mark.parametrize(
+    "spec", ["int8", "int4:g128", "int4:g128:asym", "nf4:g64", "int4:g128:asym:scale=f16"]
+)
 def test_file_size_is_the_theory_plus_a_small_header(tmp_path, spec):
   x = jax.random.normal(jax.random.key(1), (1536, 384))
   q = {"w": jq.quantize(x, spec)}

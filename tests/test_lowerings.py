@@ -29,12 +29,13 @@ def _serve(x, q, lowering):
   return np.asarray(jax.jit(lambda x, q: ops.qdot_general(x, q, DENSE, lowering=lowering))(x, q))
 
 
-@settings(max_examples=6, deadline=None)
+@settings(max_examples=8, deadline=None)
 @given(
     m=st.integers(1, 5),
     n=st.integers(1, 9),
     groups=st.integers(1, 3),
-    spec=st.sampled_from(["int4:g16", "int4:g16:asym", "uint4:g16", "int4", "int8"]),
+    spec=st.sampled_from(["int4:g16", "int4:g16:asym", "uint4:g16", "int4", "int8",
+                          "int4:g16:asym:scale=f16", "int8:scale=bf16"]),
     minor=st.booleans(),
     seed=st.integers(0, 2**16),
 )
@@ -48,7 +49,7 @@ def test_every_lowering_matches_numpy(m, n, groups, spec, minor, seed):
   np.testing.assert_allclose(np.asarray(jq.dequantize(q)),
                              np.asarray(jq.dequantize(jq.quantize(jax.random.normal(kw, (k, n)),
                                                                   spec))))  # fmt: skip
-  integer = "int8" if spec == "int8" else "w4a8"
+  integer = "int8" if spec.startswith("int8") else "w4a8"
   for lowering, dynamic in ((integer, True), ("dequant", False)):
     out, ref = _serve(x, q, lowering), _ref(x, q, dynamic)
     np.testing.assert_allclose(out, ref, rtol=2e-5, atol=2e-5 * (1 + np.abs(ref).max()))

@@ -55,7 +55,8 @@ def reference_gptq(w, h, spec, damp=0.01, act_order=False):
 
 @pytest.mark.parametrize(
     "spec, act_order, block",
-    [("int4:g16:asym", False, 16), ("int4:g16", True, 32), ("int8", True, 8), ("int4", False, 64)],
+    [("int4:g16:asym", False, 16), ("int4:g16", True, 32), ("int8", True, 8), ("int4", False, 64),
+     ("int4:g16:asym:mse:scale=f16", True, 16)],
 )
 def test_gptq_matches_a_direct_numpy_implementation(spec, act_order, block):
   x, w = _layer()
@@ -70,6 +71,21 @@ def test_gptq_output_error_beats_round_to_nearest(spec):
   q, _ = gptq_mod.gptq_quantize(w, x.T @ x, spec)
   err = lambda qa: float(np.sum((x @ w - x @ np.asarray(jq.dequantize(qa))) ** 2))
   assert err(q) < 0.8 * err(jq.quantize(w, spec))
+
+
+@pytest.mark.parametrize("spec", ["int4:g16:asym", "int4:g16", "int8"])
+def test_gptq_mse_scales_never_round_worse_than_the_full_range(spec):
+  _, w = _layer(4)
+  lo, hi = gptq_mod._grid(jq.QuantSpec.parse(spec))
+
+  def err(rows, scale, zero):
+    return np.sum((rows - (np.clip(np.round(rows / scale) + zero, lo, hi) - zero) * scale) ** 2, 0)
+
+  for rows in (w[:16], w):
+    full = gptq_mod.group_scales(rows, jq.QuantSpec.parse(spec))
+    mse = gptq_mod.group_scales(rows, jq.QuantSpec.parse(spec + ":mse"))
+    assert np.all(err(rows, *mse) <= err(rows, *full) * (1 + 1e-6))
+    assert np.any(mse[0] < full[0]) or "int8" in spec  # at 4 bits some clip pays
 
 
 def test_gptq_raises_damping_when_cholesky_fails_and_handles_dead_inputs():

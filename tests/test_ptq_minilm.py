@@ -19,7 +19,7 @@ def params():
 
 
 def test_gptq_checkpoint_round_trip_through_the_cli(tmp_path, monkeypatch):
-  monkeypatch.setattr(evaluate, "CALIBRATION_SENTENCES", 128)  # half the default: quicker
+  monkeypatch.setattr(evaluate, "PTQ_CALIBRATION_SENTENCES", 128)  # quicker than 1024
   out = tmp_path / "gptq"
   assert cli.main(["quantize", "--recipe", "w4g128-gptq", "--out", str(out)]) == 0
   report = json.loads((out / "report.json").read_text())

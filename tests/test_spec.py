@@ -21,7 +21,8 @@ def specs(draw):
   calib = draw(st.sampled_from(["absmax", "minmax", "percentile", "mse"]))
   pct = draw(st.sampled_from([99.0, 99.9, 99.99, 100.0])) if calib == "percentile" else None
   rounding = draw(st.sampled_from(["nearest", "stochastic"])) if info.kind == "int" else "nearest"
-  return QuantSpec(fmt, gran, group, axis, symmetric, calib, pct, rounding)
+  scale_dtype = "f32" if info.kind == "cast" else draw(st.sampled_from(["f32", "f16", "bf16"]))
+  return QuantSpec(fmt, gran, group, axis, symmetric, calib, pct, rounding, scale_dtype)
 
 
 @given(specs())
@@ -45,6 +46,8 @@ def test_string_form_round_trips(spec):
         ("int8:channel@0:p99.9", QuantSpec("int8", "channel", axis=0, calibration="percentile",
                                            percentile=99.9)),
         ("INT8:MSE", QuantSpec("int8", calibration="mse")),
+        ("int4:g128:asym:scale=f16", QuantSpec("int4", "group", 128, symmetric=False,
+                                               scale_dtype="f16")),
     ],
 )
 def test_examples_parse_as_documented(text, expected):
@@ -70,6 +73,8 @@ def test_defaults_follow_the_format():
         ("fp8_e4m3:stochastic", "Stochastic rounding applies to integer formats"),
         ("int8:p0", "0 < percentile <= 100"),
         ("", "Expected a quantization spec string"),
+        ("int8:scale=f8", "Unknown scale dtype 'f8'"),
+        ("bf16:scale=f16", "keeps no scale"),
     ],
 )
 def test_bad_specs_say_what_to_write(text, message):

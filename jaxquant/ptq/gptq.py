@@ -17,6 +17,7 @@ import dataclasses
 import jax.numpy as jnp
 import numpy as np
 
+from jaxquant.numerics import compute_scale
 from jaxquant.packing import pack_4bit
 from jaxquant.qarray import QArray
 from jaxquant.spec import QuantSpec, SpecLike, as_spec, check_group_size
@@ -39,18 +40,15 @@ def _grid(spec: QuantSpec) -> tuple[float, float]:
 
 
 def group_scales(w: np.ndarray, spec: QuantSpec) -> tuple[np.ndarray, np.ndarray]:
-  """Scale and zero point per output column of the rows `w [g, out]` (float32, as numerics)."""
-  info = spec.info
-  lo = np.minimum(w.min(axis=0), 0).astype(np.float32)
-  hi = np.maximum(w.max(axis=0), 0).astype(np.float32)
-  tiny = np.finfo(np.float32).tiny
-  if spec.symmetric:
-    scale = (np.maximum(-lo, hi) * np.float32(1.0 / info.qmax)).astype(np.float32)
-    scale = np.where(scale >= tiny, scale, np.float32(1))
-    return scale, np.zeros_like(scale)
-  scale = ((hi - lo) * np.float32(1.0 / (info.qmax - info.qmin))).astype(np.float32)
-  scale = np.where(scale >= tiny, scale, np.float32(1))
-  zero = np.clip(info.qmin - np.round(lo / scale), info.qmin, info.qmax).astype(np.float32)
+  """Scale and zero point per output column of the rows `w [g, out]`, by the spec's range
+  calibration (``absmax``/``minmax``: the full range; ``mse``: the clip with the least
+  squared rounding error, the "mse" grid of GPTQ's reference), as `numerics` computes them."""
+  if spec.calibration == "percentile":
+    raise ValueError(f"GPTQ scales use absmax, minmax or mse calibration, not {spec}.")
+  per_column = dataclasses.replace(spec, granularity="channel", group_size=None, axis=-1)
+  scale, zero = compute_scale(jnp.asarray(w, jnp.float32), per_column)
+  scale = np.asarray(scale, np.float32).reshape(-1)
+  zero = np.zeros_like(scale) if zero is None else np.asarray(zero, np.float32).reshape(-1)
   return scale, zero
 
 
@@ -159,4 +157,5 @@ def _as_qarray(codes, scales, zeros, spec: QuantSpec, w) -> QArray:
   if packed:
     values = pack_4bit(values)
   zero = None if spec.symmetric else jnp.asarray(zeros.reshape(scale.shape).astype(spec.info.storage))
-  return QArray(values, jnp.asarray(scale), zero, spec, (n_in, n_out), np.dtype(w.dtype), packed)
+  scale = jnp.asarray(scale.astype(spec.scale_storage))
+  return QArray(values, scale, zero, spec, (n_in, n_out), np.dtype(w.dtype), packed)

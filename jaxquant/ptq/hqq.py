@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxquant.numerics import _int_bounds, grouped_view
+from jaxquant.numerics import _int_bounds, grouped_view, stored_scale
 from jaxquant.packing import pack_4bit
 from jaxquant.qarray import QArray
 from jaxquant.spec import SpecLike, as_spec
@@ -45,7 +45,7 @@ def hqq_quantize(
   lo_q, hi_q = _int_bounds(spec)
   lo = jnp.min(xv, axis=axes, keepdims=True)
   hi = jnp.max(xv, axis=axes, keepdims=True)
-  scale = jnp.maximum((hi - lo) / (hi_q - lo_q), 1e-8)
+  scale = stored_scale(jnp.maximum((hi - lo) / (hi_q - lo_q), 1e-8), spec)
   zero = lo_q - lo / scale
 
   def step(carry, _):
