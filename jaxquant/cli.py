@@ -133,6 +133,11 @@ def cmd_quantize(args) -> int:
       "info": {k: v for k, v in result.info.items() if k != "errors"},
   }
   _write_text_atomic(out / "report.json", json.dumps(report, indent=1, default=_json_safe))
+  from jaxquant.ptq.recipes import resolved_recipe
+
+  recipe = resolved_recipe(load_recipe(args.recipe), result)
+  _write_text_atomic(out / "recipe.yaml", recipe.to_yaml())  # reproduces this checkpoint
+  console.print(f"recipe {out / 'recipe.yaml'} : {recipe.description or recipe.name}")
   return 0
 
 

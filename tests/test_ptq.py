@@ -1,5 +1,6 @@
 """GPTQ, AWQ, SmoothQuant, HQQ and mixed precision: against references and invariants."""
 
+import dataclasses
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -189,6 +190,23 @@ def test_mixed_rules_are_an_ordinary_editable_rule_list():
   assert specs == {"enc/layer_0/q/kernel": "int8", "enc/layer_1/q/kernel": "int4:g128:asym"}
   recipe = jq.rules.Recipe("mine", tuple(rules), method="gptq")
   assert "int4:g128:asym" in recipe.to_yaml()
+
+
+def test_a_mixed_result_resolves_to_a_gptq_recipe_that_reproduces_it(tmp_path):
+  from jaxquant.ptq.recipes import Quantized, resolved_recipe
+
+  recipe = jq.rules.load_recipe("mixed:avg_bits=5")
+  recipe = dataclasses.replace(recipe, options={**recipe.options, "damp": 0.05})
+  chosen = {"enc/a/kernel": "int8:scale=f16", "enc/b/kernel": "int4:g64:asym:mse:scale=f16"}
+  rules = mixed.mixed_rules(chosen, base=recipe.rules)
+  fixed = resolved_recipe(recipe, Quantized({}, tuple(rules), {"specs": chosen}))
+  assert (fixed.method, fixed.options, fixed.rules) == ("gptq", {"damp": 0.05}, tuple(rules))
+  assert "1 int8:scale=f16" in fixed.description
+  (tmp_path / "chosen.yaml").write_text(fixed.to_yaml())
+  again = jq.rules.load_recipe(str(tmp_path / "chosen.yaml"))
+  assert (again.method, again.options, again.rules) == (fixed.method, fixed.options, fixed.rules)
+  plain = jq.rules.load_recipe("w4g128-gptq")
+  assert resolved_recipe(plain, Quantized({}, plain.rules, {})) is plain
 
 
 def test_allocation_is_the_exact_knapsack_optimum_under_stored_bits():

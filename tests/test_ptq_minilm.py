@@ -24,6 +24,8 @@ def test_gptq_checkpoint_round_trip_through_the_cli(tmp_path, monkeypatch):
   assert cli.main(["quantize", "--recipe", "w4g128-gptq", "--out", str(out)]) == 0
   report = json.loads((out / "report.json").read_text())
   assert report["method"] == "gptq" and len(report["info"]["damp"]) == 36
+  reproduce = load_recipe(str(out / "recipe.yaml"))
+  assert (reproduce.method, reproduce.rules) == ("gptq", load_recipe("w4g128-gptq").rules)
   text = tmp_path / "s.txt"
   sentences = data.evaluation_sentences(32)
   data.write_sentences(text, sentences)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections import Counter
 from collections.abc import Sequence
 
 import jax
@@ -113,6 +114,21 @@ def choose_mixed_rules(model, params, rules, batches, avg_bits: float,
           "nominal_bits": mixed.average_bits(bits, sizes),
           "errors": {p: {str(c): e for c, e in es.items()} for p, es in per_layer.items()}}  # fmt: skip
   return mixed.mixed_rules(chosen, base=rules), info
+
+
+MIXED_OPTIONS = ("avg_bits", "sensitivity")  # the rest of a mixed recipe's options are GPTQ's
+
+
+def resolved_recipe(recipe: Recipe, result: Quantized) -> Recipe:
+  """The recipe that reproduces `result` without searching again: for ``mixed``, its chosen
+  rule list applied by GPTQ with the same options (save it with ``to_yaml()`` into
+  ``configs/`` and edit it at will); any other recipe as it is."""
+  if recipe.method != "mixed":
+    return recipe
+  options = {k: v for k, v in recipe.options.items() if k not in MIXED_OPTIONS}
+  chosen = ", ".join(f"{n} {c}" for c, n in sorted(Counter(result.info["specs"].values()).items()))
+  description = f"The formats {recipe.name} chose per layer ({chosen}), applied by GPTQ."
+  return Recipe(f"{recipe.name} (chosen)", tuple(result.rules), description, "gptq", options)
 
 
 def apply_recipe(
