@@ -1,6 +1,7 @@
 """GPTQ, AWQ, SmoothQuant, HQQ and mixed precision: against references and invariants."""
 
 import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
