@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -39,6 +40,9 @@ def _grid(spec: QuantSpec) -> tuple[float, float]:
   return (-info.qmax, info.qmax) if spec.symmetric else (info.qmin, info.qmax)
 
 
+_compute_scale = jax.jit(compute_scale, static_argnums=1)  # one compile per group shape
+
+
 def group_scales(w: np.ndarray, spec: QuantSpec) -> tuple[np.ndarray, np.ndarray]:
   """Scale and zero point per output column of the rows `w [g, out]`, by the spec's range
   calibration (``absmax``/``minmax``: the full range; ``mse``: the clip with the least
@@ -46,7 +50,7 @@ def group_scales(w: np.ndarray, spec: QuantSpec) -> tuple[np.ndarray, np.ndarray
   if spec.calibration == "percentile":
     raise ValueError(f"GPTQ scales use absmax, minmax or mse calibration, not {spec}.")
   per_column = dataclasses.replace(spec, granularity="channel", group_size=None, axis=-1)
-  scale, zero = compute_scale(jnp.asarray(w, jnp.float32), per_column)
+  scale, zero = _compute_scale(jnp.asarray(w, jnp.float32), per_column)
   scale = np.asarray(scale, np.float32).reshape(-1)
   zero = np.zeros_like(scale) if zero is None else np.asarray(zero, np.float32).reshape(-1)
   return scale, zero
