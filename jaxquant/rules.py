@@ -142,7 +142,9 @@ def load_recipe(name_or_path: str) -> Recipe:
     return _parse_recipe(path.stem, path.read_text(), str(path))
   mixed = re.fullmatch(r"mixed:avg_bits=(\d+(?:\.\d+)?)", name_or_path)
   if mixed:
-    return Recipe(name_or_path, tuple(default_rules("int4:g128:asym:mse:scale=f16")),
+    from jaxquant.mixed import CHOICES  # here: jaxquant.mixed imports this module
+
+    return Recipe(name_or_path, tuple(default_rules(CHOICES[0])),
                   f"per-layer widths from {{4, 8, 16}} bits averaging {mixed.group(1)}",
                   "mixed", {"avg_bits": float(mixed.group(1))})  # fmt: skip
   shipped = _recipe_dir() / f"{name_or_path}.yaml"
