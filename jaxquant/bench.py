@@ -38,7 +38,6 @@ class Variant:
   fn: Callable
   params: object
   auto: bool = False  # what the library picks by default for this format
-  times: list[float] = dataclasses.field(default_factory=list)
 
 
 def _ours(w: jax.Array, x: jax.Array) -> list[Variant]:
@@ -120,12 +119,6 @@ def time_interleaved(calls: dict[str, Callable[[], object]], rounds: int, warmup
   return median(wall), median(cpu)
 
 
-def _time(v: Variant, x: jax.Array) -> None:
-  start = time.perf_counter()
-  v.fn(x, v.params).block_until_ready()
-  v.times.append(time.perf_counter() - start)
-
-
 def run_case(k: int, n: int, m: int, repeats: int, qwix: bool = True) -> list[dict]:
   """Median ms of every variant for ``x: [m, k]``, ``W: [k, n]``, rounds interleaved."""
   kx, kw = jax.random.split(jax.random.key(k * 31 + n + m))
@@ -134,21 +127,18 @@ def run_case(k: int, n: int, m: int, repeats: int, qwix: bool = True) -> list[di
   variants = _ours(w, x) + (_qwix(w, x) if qwix else [])
   ref = np.asarray(x, np.float64) @ np.asarray(w, np.float64)
   errors = {}
-  for v in variants:  # compile, check, warm up
+  for v in variants:  # compile and check
     y = np.asarray(v.fn(x, v.params), np.float64)
     errors[id(v)] = float(np.linalg.norm(y - ref) / np.linalg.norm(ref))
-    _time(v, x)
-    v.times.clear()
-  for _ in range(repeats):
-    for v in variants:
-      _time(v, x)
-  base = statistics.median(variants[0].times)
+  calls = {id(v): (lambda v=v: v.fn(x, v.params)) for v in variants}
+  wall, _ = time_interleaved(calls, repeats)
+  base = wall[id(variants[0])]
   rows = []
   for v in variants:
-    med = statistics.median(v.times)
+    med = wall[id(v)]
     rows.append({"K": k, "N": n, "M": m, "format": v.fmt, "lowering": v.lowering,
                  "auto": v.auto, "median_ms": med * 1e3, "speedup_vs_f32": base / med,
-                 "rel_error": errors[id(v)], "repeats": len(v.times)})  # fmt: skip
+                 "rel_error": errors[id(v)], "repeats": repeats})  # fmt: skip
   del variants
   return rows
 
