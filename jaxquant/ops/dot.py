@@ -117,7 +117,8 @@ def choose_lowering(
   `lowering_scope`) and `backend` (default ``jax.default_backend()``) refine serve mode.
   """
   rhs_ndim = getattr(rhs, "ndim", np.ndim(rhs))
-  (_, rc), _ = _norm_dims(dims, lhs_ndim, rhs_ndim)
+  dims = _norm_dims(dims, lhs_ndim, rhs_ndim)
+  (_, rc), _ = dims
   if mode == "fake":
     why = ste_int8_reason(lhs_spec, rhs_spec, rhs_ndim, rc)
     if why is None and not isinstance(rhs, QArray):
@@ -128,16 +129,7 @@ def choose_lowering(
     if lhs_spec is None:
       return Lowering("float", "no quantized operand")
     return Lowering("float", "float weights; activations quantize-dequantized")
-  return _choose_serve(lhs_ndim, rhs, _norm_dims(dims, lhs_ndim, rhs_ndim), lhs_spec, lhs_shape,
-                       lowering, backend)  # fmt: skip
-
-
-def _act_reason(spec: QuantSpec) -> str | None:
-  if spec.format != "int8" or not spec.symmetric:
-    return f"activations are {spec}, not symmetric int8"
-  if spec.granularity not in ("token", "tensor"):
-    return f"activation granularity {spec.granularity} varies along the contraction"
-  return None
+  return _choose_serve(lhs_ndim, rhs, dims, lhs_spec, lhs_shape, lowering, backend)
 
 
 def _choose_serve(lhs_ndim, rhs: QArray, dims, lhs_spec, lhs_shape, force, backend) -> Lowering:
@@ -153,7 +145,7 @@ def _choose_serve(lhs_ndim, rhs: QArray, dims, lhs_spec, lhs_shape, force, backe
   if act is None:
     return Lowering("dequant", f"weight-only {rhs.spec}: dequantized in the graph")
   act_name = f"{act} (dynamic)" if dynamic else str(act)
-  act_why = _act_reason(act)
+  act_why = low.int8_act_reason(act)
   int8_why = act_why or _int8_weights_reason(rhs, rc)
   w4_why = act_why or low.w4a8_reason(rhs, lhs_ndim, dims)
   dense = low.is_dense(lhs_ndim, rhs.ndim, dims)
@@ -223,7 +215,7 @@ def qdot_general(
   out_dtype = out_dtype or preferred_element_type or lhs.dtype
   rhs_ndim = rhs.ndim if isinstance(rhs, QArray) else jnp.ndim(rhs)
   dims = _norm_dims(dimension_numbers, lhs.ndim, rhs_ndim)
-  (lc, rc), (lb, rb) = dims
+  (lc, _), _ = dims
   if mode == "serve" and rhs_spec is not None and not isinstance(rhs, QArray):
     rhs = quantize(rhs, rhs_spec)
   lowering = choose_lowering(lhs.ndim, rhs, dims, lhs_spec, mode, rhs_spec,
@@ -235,16 +227,13 @@ def qdot_general(
     out = ste_int8_dot_general(lhs, jnp.asarray(rhs), dims, lhs_spec, rhs_spec, axes, lhs_scale)
     return out.astype(out_dtype)
 
-  if lowering.name == "w4a8":
+  if lowering.name in ("w4a8", "int8"):  # int8 activations: static scale, or dynamic
     act = lhs_spec or low.DYNAMIC_INT8
     q_lhs, s_lhs, _ = quantize_along(lhs, act, activation_axes(act, lhs.ndim, lc),
                                      scale=lhs_scale if lhs_spec else None)  # fmt: skip
+  if lowering.name == "w4a8":
     return low.w4a8_dot(q_lhs, s_lhs, rhs, dims, lowering.pad_rows).astype(out_dtype)
-
   if lowering.name == "int8":
-    act = lhs_spec or low.DYNAMIC_INT8
-    axes = activation_axes(act, lhs.ndim, lc)
-    q_lhs, s_lhs, _ = quantize_along(lhs, act, axes, scale=lhs_scale if lhs_spec else None)
     acc = low.int8_dot(q_lhs, rhs, dims, lowering.pad_rows)
     return low.rescale(acc, s_lhs, rhs.scale, tuple(lhs.shape), rhs.ndim, dims).astype(out_dtype)
 

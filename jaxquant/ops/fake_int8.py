@@ -36,8 +36,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxquant.numerics import find_range, quantize_along, scale_from_range
-from jaxquant.ops.lowerings import rescale
+from jaxquant.numerics import grouped_view, quantize_along
+from jaxquant.ops.lowerings import int8_act_reason, rescale
 from jaxquant.spec import QuantSpec
 
 SteBackward = Literal["float", "quantized"]
@@ -74,13 +74,13 @@ def ste_int8_reason(
   """Why a fake-mode contraction cannot run on the integer path (None if it can)."""
   if lhs_spec is None or rhs_spec is None:
     return "not both operands quantized"
+  if why := int8_act_reason(lhs_spec):
+    return why
+  if rhs_spec.format != "int8" or not rhs_spec.symmetric:
+    return f"weights are {rhs_spec}, not symmetric int8"
   for side, spec in (("activations", lhs_spec), ("weights", rhs_spec)):
-    if spec.format != "int8" or not spec.symmetric:
-      return f"{side} are {spec}, not symmetric int8"
     if spec.rounding != "nearest" or spec.calibration != "absmax":
       return f"{side} use {spec.rounding} rounding / {spec.calibration} range"
-  if lhs_spec.granularity not in ("token", "tensor"):
-    return f"activation granularity {lhs_spec.granularity} varies along the contraction"
   if rhs_spec.granularity == "tensor":
     return None
   if rhs_spec.granularity != "channel" or rhs_spec.resolved_axis(rhs_ndim) in rhs_contracting:
@@ -90,31 +90,19 @@ def ste_int8_reason(
   return None
 
 
-def _weight_axes(spec: QuantSpec, ndim: int) -> tuple[int, ...]:
-  if spec.granularity == "tensor":
-    return tuple(range(ndim))
-  axis = spec.resolved_axis(ndim)
-  return tuple(a for a in range(ndim) if a != axis)
-
-
 def _in_range(x: jax.Array, scale: jax.Array, qmax: float) -> jax.Array:
   return jnp.abs(x.astype(jnp.float32)) <= (qmax + 0.5) * scale
 
 
 def _quantize(x, spec: QuantSpec, axes, scale):
-  """int8 codes and scale; the same scale computation as `quantize_along`."""
-  x = lax.stop_gradient(x)
-  if scale is not None:  # a static scale may clip
-    q, s, _ = quantize_along(x, spec, axes, scale=scale)
-    return q, lax.stop_gradient(s)
-  s = lax.stop_gradient(scale_from_range(*find_range(x.astype(jnp.float32), axes, spec), spec)[0])
-  # |x| <= absmax = 127·s, so the rounded codes are already within ±127: no clip needed
-  return jnp.round(x.astype(jnp.float32) / s).astype(jnp.int8), s
+  """int8 codes and scale (`quantize_along`), constants to differentiation."""
+  q, s, _ = quantize_along(lax.stop_gradient(x), spec, axes, scale=scale)
+  return q, lax.stop_gradient(s)
 
 
 def _forward(lhs, rhs, dims, lhs_spec, rhs_spec, lhs_axes, lhs_scale):
   q_l, s_l = _quantize(lhs, lhs_spec, lhs_axes, lhs_scale)
-  q_r, s_r = _quantize(rhs, rhs_spec, _weight_axes(rhs_spec, rhs.ndim), None)
+  q_r, s_r = _quantize(rhs, rhs_spec, grouped_view(rhs, rhs_spec)[1], None)
   acc = lax.dot_general(q_l, q_r, dims, preferred_element_type=jnp.int32)
   out = rescale(acc, s_l, s_r, tuple(lhs.shape), rhs.ndim, dims).astype(lhs.dtype)
   return out, (q_l, s_l, q_r, s_r)

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxquant.numerics import codes, quantize_along
+from jaxquant.numerics import codes
 from jaxquant.qarray import QArray
 from jaxquant.spec import QuantSpec
 
@@ -157,7 +157,7 @@ def int8_dot(q_lhs: jax.Array, q: QArray, dims, pad: int) -> jax.Array:
   if pad and is_dense(q_lhs.ndim, q.ndim, dims):
     x = q_lhs.reshape(-1, q_lhs.shape[-1])
     rows = x.shape[0]
-    x = jnp.pad(x, ((0, pad), (0, 0))) if pad else x
+    x = jnp.pad(x, ((0, pad), (0, 0)))
     acc = lax.dot_general(x, values, (((1,), src), ((), ())), preferred_element_type=jnp.int32)
     return acc[:rows].reshape(q_lhs.shape[:-1] + (acc.shape[-1],))
   acc = lax.dot_general(q_lhs, values, ((lc, src), (lb, dst)), preferred_element_type=jnp.int32)
@@ -237,13 +237,12 @@ def w4a8_dot(q_lhs: jax.Array, s_lhs: jax.Array, q: QArray, dims, pad: int) -> j
   x = jnp.pad(x, ((0, pad), (0, 0))) if pad else x
   m = x.shape[0]
   groups = k // q.spec.group_size if q.spec.granularity == "group" else 1
-  values = q.values if q.packed else None
-  if values is None:  # unpacked 4-bit codes: widen trivially, one dot per group block
+  if not q.packed:  # unpacked 4-bit codes: widen trivially, one dot per group block
     w = codes(q).astype(jnp.int8)
     halves = [(_block_diag(x, groups), w, rc)]
     interleave = False
   else:
-    lo, hi = _nibbles(values, q.spec.info.signed)
+    lo, hi = _nibbles(q.values, q.spec.info.signed)
     packed_axis = q.perm[-1] if q.perm is not None else q.ndim - 1
     c_stored = _stored_dims(q, (rc,))[0]
     if packed_axis == rc:  # nibbles split the contraction: even / odd indices
@@ -252,7 +251,8 @@ def w4a8_dot(q_lhs: jax.Array, s_lhs: jax.Array, q: QArray, dims, pad: int) -> j
                 (_block_diag(xk[:, 1::2], groups), hi, c_stored)]  # fmt: skip
       interleave = False
     else:  # nibbles split the output columns: even / odd
-      halves = [(_block_diag(x, groups), lo, c_stored), (_block_diag(x, groups), hi, c_stored)]
+      xb = _block_diag(x, groups)
+      halves = [(xb, lo, c_stored), (xb, hi, c_stored)]
       interleave = True
   accs = [lax.dot_general(xb, w, (((1,), (c,)), ((), ())), preferred_element_type=jnp.int32)
           for xb, w, c in halves]  # fmt: skip
@@ -295,10 +295,13 @@ def rescale(acc: jax.Array, s_lhs: jax.Array, s_rhs: jax.Array, lhs_shape: tuple
   return acc.astype(jnp.float32) * s_l * s_r
 
 
-def quantize_rows(lhs: jax.Array, spec: QuantSpec, axes, scale) -> tuple[jax.Array, jax.Array]:
-  """int8 codes of the activations and their scale (keepdims over `axes`)."""
-  q, s, _ = quantize_along(lhs, spec, axes, scale=scale)
-  return q, s
+def int8_act_reason(spec: QuantSpec) -> str | None:
+  """Why activations under `spec` cannot be int8 codes of an integer dot (None if they can)."""
+  if spec.format != "int8" or not spec.symmetric:
+    return f"activations are {spec}, not symmetric int8"
+  if spec.granularity not in ("token", "tensor"):
+    return f"activation granularity {spec.granularity} varies along the contraction"
+  return None
 
 
 def flat_rows(shape: tuple[int, ...]) -> int:
