@@ -108,6 +108,7 @@ def capture(
     return cal.apply({"params": p}, *args, stats=acc, observer=obs)[1]
 
   jitted = jax.jit(step)
+  params = jax.device_put(params)  # once, not on every call
   acc = None
   for batch in batches:
     acc = jitted(params, acc, *batch)
@@ -136,6 +137,7 @@ def collect_inputs(
     return cal.apply({"params": p}, *args, stats=None, observer=observe)[1]
 
   jitted = jax.jit(step)
+  params = jax.device_put(params)  # once, not on every call
   out: dict[str, list[np.ndarray]] = {}
   for batch in batches:
     for path, got in jitted(params, *batch).items():

@@ -56,6 +56,7 @@ def output_errors(model, params, trials, batches, output_fn=None) -> dict:
   downstream amplification included. ``output_fn(outputs, batch)`` picks what to compare
   (default: the outputs)."""
   output_fn = output_fn or (lambda out, batch: out)
+  params = jax.device_put(params)  # once, not on every call
   apply = jax.jit(lambda p, *batch: output_fn(model.apply({"params": p}, *batch), batch))
   references = [apply(params, *b) for b in batches]
   out = {}
@@ -97,12 +98,13 @@ def choose_mixed_rules(model, params, rules, batches, avg_bits: float,
   used = execution_order(model, params, rules, batches[0], targets)
   hessians = capture(model, params, rules, batches, hessian_observer(used), row_mask)
   leaves = {p: np.asarray(v) for p, v in named_leaves(params)}
-  trials = {(p, c): (p, alone_weights(leaves[p], np.asarray(hessians[p]["h"]), c, config))
+  h = {p: np.asarray(hessians[p]["h"]) for p in used}  # off the device once per layer
+  trials = {(p, c): (p, alone_weights(leaves[p], h[p], c, config))
             for p in used for c in choices}  # fmt: skip
   if sensitivity == "output":
     errors = output_errors(model, params, trials, batches[:sensitivity_batches], output_fn)
   else:
-    errors = {(p, c): float(np.sum((dw := leaves[p] - w) * (np.asarray(hessians[p]["h"]) @ dw))
+    errors = {(p, c): float(np.sum((dw := leaves[p] - w) * (h[p] @ dw))
                             / float(hessians[p]["n"])) for (p, c), (_, w) in trials.items()}  # fmt: skip
   sizes = {p: leaves[p].size for p in used}
   per_layer = {p: {c: errors[p, c] for c in choices} for p in used}

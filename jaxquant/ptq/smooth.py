@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxquant import calibration
 from jaxquant.numerics import dequantize, grouped_view, quantize, scale_from_range
 from jaxquant.qarray import QArray
 from jaxquant.spec import QuantSpec
@@ -106,7 +107,7 @@ def smoothquant_scales(act_max: np.ndarray, weights: Sequence[np.ndarray], alpha
 
 # --------------------------------------------------------------------------- AWQ
 def _rtn(w: jnp.ndarray, spec: QuantSpec) -> jnp.ndarray:
-  return dequantize(quantize(w, spec))
+  return dequantize(quantize(w, spec, pack=False))  # no nibble packing just to unpack
 
 
 @functools.partial(jax.jit, static_argnums=4)
@@ -162,15 +163,14 @@ def _best_clip(x: jax.Array, w: jax.Array, spec: QuantSpec, ratios: tuple[float,
   """Per group and output channel, the ``(scale, zero)`` among the range shrinks `ratios`
   minimising ``Σ_n (x[n, g] · ΔW[g, o])²``."""
   view, axes = grouped_view(w, spec)
-  amax = jnp.max(jnp.abs(view), axis=axes, keepdims=True)
-  lo = -amax if spec.symmetric else jnp.min(view, axis=axes, keepdims=True)
-  hi = amax if spec.symmetric else jnp.max(view, axis=axes, keepdims=True)
+  lo, hi = (calibration.absmax_range if spec.symmetric else calibration.minmax_range)(view, axes)
   groups = view.shape[0] if spec.granularity == "group" else 1
   xg = x.reshape(x.shape[0], groups, -1)
   best = None
   for r in ratios:
     scale, zero = scale_from_range(r * lo, r * hi, spec)
-    dw = (w - dequantize(quantize(w, spec, scale=scale, zero_point=zero))).reshape(groups, -1, w.shape[1])
+    q = quantize(w, spec, scale=scale, zero_point=zero, pack=False)
+    dw = (w - dequantize(q)).reshape(groups, -1, w.shape[1])
     err = jnp.sum(jnp.einsum("ngk,gko->ngo", xg, dw) ** 2, axis=0).reshape(scale.shape)
     if best is None:
       best = (err, scale, zero)
