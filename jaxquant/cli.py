@@ -14,9 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -46,11 +44,7 @@ def load_model_params(model: str, layout: str | None) -> tuple[dict, str]:
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-  with os.fdopen(fd, "w") as f:
-    f.write(text)
-  os.chmod(tmp, io.regular_file_mode())
-  os.replace(tmp, path)
+  io.atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def _plan_for(args) -> tuple[dict, transforms.Plan, list, str]:
@@ -186,13 +180,12 @@ def cmd_embed(args) -> int:
   sentences = _read_lines(args.sentences)
   encoder = _encoder(args)
   emb = encoder.encode(sentences)
-  out = Path(args.out)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".npy")
-  with os.fdopen(fd, "wb") as f:
-    np.save(f, emb)
-  os.chmod(tmp, io.regular_file_mode())
-  os.replace(tmp, out)
+
+  def write(tmp: str) -> None:
+    with open(tmp, "wb") as f:  # a file object: np.save would add ".npy" to a name
+      np.save(f, emb)
+
+  out = io.atomic_write(args.out, write)
   console.print(f"{len(sentences)} embeddings [{emb.shape[0]}, {emb.shape[1]}] -> {out} "
                 f"({encoder.name})")
   return 0

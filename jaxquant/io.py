@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -112,19 +113,29 @@ def save(path: str | os.PathLike, tree) -> Path:
       k: TensorSpec(dtype=a.dtype.name, shape=a.shape, data_ptr=a.ctypes.data, data_len=a.nbytes)
       for k, a in arrays.items()
   }
-  target.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+  return atomic_write(
+      target, lambda tmp: safetensors.serialize_file(specs, tmp, metadata={FORMAT_NAME: json.dumps(header)})
+  )
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Path:
+  """Writes `path` by ``write(tmp)`` into a temporary file beside it, synced, then renamed into
+  place: readers see the old file or the whole new one, and a failed write leaves no debris.
+  The file gets ordinary permissions (`regular_file_mode`), not mkstemp's 0600."""
+  path = Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
   os.close(fd)
   try:
-    safetensors.serialize_file(specs, tmp, metadata={FORMAT_NAME: json.dumps(header)})
+    write(tmp)
     with open(tmp, "rb") as f:
       os.fsync(f.fileno())
-    os.chmod(tmp, regular_file_mode())  # mkstemp makes 0600; a checkpoint is an ordinary file
-    os.replace(tmp, target)
+    os.chmod(tmp, regular_file_mode())
+    os.replace(tmp, path)
   except BaseException:
     Path(tmp).unlink(missing_ok=True)
     raise
-  return target
+  return path
 
 
 def regular_file_mode() -> int:
