@@ -36,6 +36,7 @@ from jaxquant.models.decoder import (
     make_generate,
 )
 from jaxquant.ops import serving_layout
+from jaxquant.transforms import tree_nbytes
 
 RESULTS = Path(__file__).parent / "results"
 EMBED = jq.Rule("embed", None, expect_match=False)
@@ -58,13 +59,9 @@ def serving(cfg: DecoderConfig, params: dict, recipe: str):
   """``(model, variables, weight bytes)`` for a recipe (None rules: the float model)."""
   rules = RECIPES[recipe]
   if rules is None:
-    return Decoder(cfg), {"params": params}, _nbytes(params)
+    return Decoder(cfg), {"params": params}, tree_nbytes(params)
   qparams = serving_layout(jq.quantize_params(params, rules))  # contraction-minor codes
-  return jqf.quantize_model(Decoder(cfg), rules, "serve"), {"params": qparams}, _nbytes(qparams)
-
-
-def _nbytes(tree) -> int:
-  return sum(leaf.nbytes for _, leaf in jq.transforms.named_leaves(tree))
+  return jqf.quantize_model(Decoder(cfg), rules, "serve"), {"params": qparams}, tree_nbytes(qparams)
 
 
 def max_logit_diff(model, variables, ref_logits, tokens, cache: str, cfg: DecoderConfig) -> float:

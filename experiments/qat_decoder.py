@@ -33,6 +33,7 @@ from jaxquant import flax as jqf
 from jaxquant.models.decoder import Decoder, DecoderConfig, next_byte_loss
 from jaxquant.ptq.recipes import apply_recipe
 from jaxquant.rules import Recipe
+from jaxquant.transforms import tree_nbytes
 
 RESULTS = Path(__file__).parent / "results"
 EMBED = jq.Rule("embed", None, expect_match=False)
@@ -88,11 +89,6 @@ def bits(loss_nats: float) -> float:
   return loss_nats / math.log(2)
 
 
-def weight_bytes(params) -> int:
-  return sum(np.asarray(leaf).nbytes if not isinstance(leaf, jq.QArray) else leaf.nbytes
-             for _, leaf in jq.transforms.named_leaves(params))  # fmt: skip
-
-
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--steps", type=int, default=600, help="optimizer steps of every run")
@@ -130,12 +126,12 @@ def main() -> None:
   # from scratch: FP32 (keeping its checkpoint where QAT fine-tuning starts) and BF16-mixed
   fp32, curves["fp32"], fp32_step, start = train(
       "fp32", [], fp32_policy, steps=steps, snapshot_at=steps - qat_steps, **common)
-  report("fp32", evaluate(Decoder(cfg).apply, {"params": fp32}, heldout), weight_bytes(fp32),
+  report("fp32", evaluate(Decoder(cfg).apply, {"params": fp32}, heldout), tree_nbytes(fp32),
          fp32_step)  # fmt: skip
   bf16, curves["bf16-mixed"], bf16_step, _ = train(
       "bf16-mixed", [], "params=float32,compute=bfloat16,output=float32", steps=steps, **common)
   report("bf16-mixed", evaluate(Decoder(cfg).apply, {"params": bf16}, heldout),
-         weight_bytes(bf16), bf16_step)  # fmt: skip
+         tree_nbytes(bf16), bf16_step)  # fmt: skip
 
   # QAT: fine-tune the FP32 checkpoint for the last qat_steps steps
   lr_at_start = float(optax.warmup_cosine_decay_schedule(
@@ -149,12 +145,12 @@ def main() -> None:
     curves[name] = curves["fp32"][: steps - qat_steps] + curve
     if not rules:  # the same fine-tuning without quantization: what the restart alone does
       report(name, evaluate(Decoder(cfg).apply, {"params": params}, heldout),
-             weight_bytes(params), step_s)  # fmt: skip
+             tree_nbytes(params), step_s)  # fmt: skip
       continue
     qparams, stats = training.convert(params, rules) if lsq else (
         jq.quantize_params(params, rules), None)  # fmt: skip
     serve = jqf.quantize_model(Decoder(cfg), rules, "serve", calibration=stats)
-    report(name, evaluate(serve.apply, {"params": qparams}, heldout), weight_bytes(qparams),
+    report(name, evaluate(serve.apply, {"params": qparams}, heldout), tree_nbytes(qparams),
            step_s)  # fmt: skip
 
   # post-training quantization of the final FP32 model
@@ -166,7 +162,7 @@ def main() -> None:
     result = apply_recipe(Recipe(name, tuple(rules), method=method), fp32, Decoder(cfg), calib)
     serve = jqf.quantize_model(Decoder(cfg), rules, "serve")
     report(name, evaluate(serve.apply, {"params": result.qparams}, heldout),
-           weight_bytes(result.qparams), float("nan"))  # fmt: skip
+           tree_nbytes(result.qparams), float("nan"))  # fmt: skip
 
   header = (f"{steps} steps for every run (QAT: FP32 for {steps - qat_steps}, then {qat_steps} "
             f"with fake quantization), batch {args.batch} x {args.length} bytes, model {cfg}; "

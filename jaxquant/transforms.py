@@ -73,6 +73,11 @@ def _nbytes(x) -> int:
   return math.prod(np.shape(x)) * np.dtype(x.dtype).itemsize
 
 
+def tree_nbytes(tree) -> int:
+  """Bytes held by a parameter tree, QArrays counted by what they store (no copies made)."""
+  return sum(_nbytes(leaf) for _, leaf in named_leaves(tree))
+
+
 # Leaf names that are never weights of a contraction, whatever their rank (e.g. the 2-D bias
 # of a DenseGeneral with two output axes).
 _NEVER_QUANTIZED = frozenset({"bias", "scale", "offset", "mean", "var"})
