@@ -58,8 +58,7 @@ def plain_step(model, opt) -> Callable:
 
 
 def jaxquant_step(model, rules, opt, policy: str) -> Callable:
-  step = training.make_train_step(model, rules, opt, mse, training.Policy.parse(policy))
-  return lambda state, batch: step(state, batch)
+  return training.make_train_step(model, rules, opt, mse, training.Policy.parse(policy))
 
 
 def qwix_step(model, opt) -> Callable | None:
