@@ -27,8 +27,8 @@ import numpy as np
 
 import jaxquant as jq
 from jaxquant import flax as jqf
-from jaxquant.bench import time_interleaved
-from jaxquant.models.decoder import (
+from jaxquant.apps.bench import time_interleaved
+from jaxquant.apps.models.decoder import (
     Decoder,
     DecoderConfig,
     cache_bytes,

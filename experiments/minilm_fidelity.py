@@ -1,6 +1,6 @@
 """Sentence-embedding fidelity of each recipe on all-MiniLM-L6-v2, against float32.
 
-Held-out text: `jaxquant.data.evaluation_sentences` (standard-library docstrings of modules
+Held-out text: `jaxquant.apps.data.evaluation_sentences` (standard-library docstrings of modules
 that calibration never reads). Writes a Markdown table (and JSON) under experiments/results/.
 
     python experiments/minilm_fidelity.py [--recipes fp32,bf16,...] [-n 512]
@@ -12,7 +12,7 @@ import argparse
 import json
 from pathlib import Path
 
-from jaxquant import cli
+from jaxquant.apps import cli
 
 RESULTS = Path(__file__).parent / "results"
 

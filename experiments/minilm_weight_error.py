@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 import jaxquant as jq
-from jaxquant.models import minilm
+from jaxquant.apps.models import minilm
 from jaxquant.numerics import quantization_error
 from jaxquant.transforms import named_leaves
 

@@ -16,7 +16,7 @@ import argparse
 import json
 from pathlib import Path
 
-from jaxquant import cli
+from jaxquant.apps import cli
 
 RESULTS = Path(__file__).parent / "results"
 RECIPES = ("fp32,w8,w8a8,w8a8-smooth,w4g128-asym,w4g64-hqq,w4g128-awq,w4g128-gptq,"

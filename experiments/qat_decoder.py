@@ -7,7 +7,7 @@ quantization — INT8 QAT (W8A8 per token, on the int8 path) and INT4 QAT (weigh
 fixed ranges, and LSQ learned step sizes) — so each has seen exactly as many batches as the
 FP32 model. These are compared with INT8/INT4 round-to-nearest and INT4 GPTQ post-training
 quantization of the final FP32 model. Held-out text is a fixed one-file-in-ten split of the
-stdlib (`jaxquant.data.stdlib_source`). Prints one table, writes it (Markdown + JSON) and a
+stdlib (`jaxquant.apps.data.stdlib_source`). Prints one table, writes it (Markdown + JSON) and a
 loss-curve plot under experiments/results/.
 
     python experiments/qat_decoder.py [--steps 600] [--qat-steps 150] [--quick]
@@ -28,11 +28,12 @@ import numpy as np
 import optax
 
 import jaxquant as jq
-from jaxquant import data, training
+from jaxquant import training
+from jaxquant.apps import data
 from jaxquant import flax as jqf
-from jaxquant.models.decoder import Decoder, DecoderConfig, next_byte_loss
-from jaxquant.ptq.recipes import apply_recipe
-from jaxquant.rules import Recipe
+from jaxquant.apps.models.decoder import Decoder, DecoderConfig, next_byte_loss
+from jaxquant.recipes import apply_recipe
+from jaxquant.recipes import Recipe
 from jaxquant.transforms import tree_nbytes
 
 RESULTS = Path(__file__).parent / "results"

@@ -4,7 +4,8 @@ from jaxquant._version import __version__
 from jaxquant.io import load, save
 from jaxquant.numerics import compute_scale, dequantize, fake_quant, quantize
 from jaxquant.qarray import QArray, qarray_sharding
-from jaxquant.rules import Rule, default_rules, load_recipe
+from jaxquant.recipes import Recipe, apply_recipe, load_recipe
+from jaxquant.rules import Rule, default_rules
 from jaxquant.spec import FORMATS, QuantSpec
 from jaxquant.transforms import (
     Plan,
@@ -19,8 +20,10 @@ __all__ = [
     "Plan",
     "QArray",
     "QuantSpec",
+    "Recipe",
     "Rule",
     "__version__",
+    "apply_recipe",
     "compute_scale",
     "default_rules",
     "dequantize",

@@ -31,13 +31,14 @@ FORMAT_NAME = "jaxquant"
 FORMAT_VERSION = 1
 DEFAULT_FILENAME = "model.safetensors"
 
-_DTYPES = {
+#: safetensors dtype names and the NumPy dtypes they hold.
+SAFETENSORS_DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
     "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2,
     "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8,
     "U64": np.uint64, "U32": np.uint32, "U16": np.uint16, "U8": np.uint8, "BOOL": np.bool_,
 }  # fmt: skip
-_STORABLE = frozenset(np.dtype(d) for d in _DTYPES.values())
+_STORABLE = frozenset(np.dtype(d) for d in SAFETENSORS_DTYPES.values())
 _CHILDREN = ("values", "scale", "zero_point")
 
 
@@ -193,7 +194,7 @@ def load(path: str | os.PathLike):
   except safetensors.SafetensorError as e:
     raise ValueError(f"{path} is truncated or corrupt ({e}); re-create it with jaxquant.save.")
   tensors = {
-      name: np.frombuffer(bytes(t["data"]), _DTYPES[t["dtype"]]).reshape(t["shape"])
+      name: np.frombuffer(bytes(t["data"]), SAFETENSORS_DTYPES[t["dtype"]]).reshape(t["shape"])
       for name, t in raw.items()
   }
   leaves = []
@@ -204,15 +205,31 @@ def load(path: str | os.PathLike):
         leaf = jnp.asarray(tensors[name])
       else:
         children = {c: jnp.asarray(tensors[f"{name}#{c}"]) for c in entry["children"]}
-        leaf = QArray(
-            children.get("values"), children.get("scale"), children.get("zero_point"),
-            QuantSpec.parse(entry["spec"]), tuple(entry["shape"]), np.dtype(entry["dtype"]),
-            bool(entry["packed"]), tuple(entry["perm"]) if entry.get("perm") else None,
-        )  # fmt: skip
+        leaf = _qarray_from_entry(entry, children, path)
     except KeyError as e:
       raise ValueError(f"{path}: tensor {e} listed in the header is missing; file is corrupt.")
     leaves.append((entry["keys"], leaf))
   return _unflatten(leaves)
+
+
+def _qarray_from_entry(entry: dict, children: dict, path: Path) -> QArray:
+  """The QArray a header entry describes, checked against the shape it records."""
+  shape, perm = tuple(entry["shape"]), tuple(entry["perm"]) if entry.get("perm") else None
+  packed = bool(entry["packed"])
+  stored = shape if perm is None else shape[: len(shape) - len(perm)] + tuple(
+      shape[len(shape) - len(perm) + a] for a in perm)  # fmt: skip
+  pad = stored[-1] % 2 if packed and stored else 0
+  try:
+    q = QArray(children.get("values"), children.get("scale"), children.get("zero_point"),
+               QuantSpec.parse(entry["spec"]), np.dtype(entry["dtype"]), packed, pad, perm)  # fmt: skip
+  except (ValueError, TypeError) as e:
+    raise ValueError(f"{path}: {entry['name']}: {e}; the file is corrupt.") from None
+  if q.shape != shape:
+    raise ValueError(
+        f"{path}: {entry['name']}: the header says shape {list(shape)} but the stored codes "
+        f"give {list(q.shape)}; the file is corrupt."
+    )
+  return q
 
 
 def _unflatten(leaves: list[tuple[list, Any]]):

@@ -2,7 +2,7 @@
 
 Each layer ``l`` has a few choices ``c`` (4-bit with groups of 128, 64 or 32, int8 per channel,
 bf16), each with an error ``e_l(c)`` — the model-output error when that layer alone is
-quantized by ``c`` (`jaxquant.ptq.recipes.choose_mixed_rules`), or its Hessian proxy
+quantized by ``c`` (`choose_rules`), or its Hessian proxy
 ``tr(ΔWᵀ H ΔW) / n`` with ``ΔW = W − Q_c(W)`` and ``H = XᵀX`` — and a cost ``b_l(c)``, the
 bits it stores **including its scales and zero points** (`stored_bits`: int4 g128 with f16
 scales and int8 zero points is 4.1875 bits a weight, g64 4.375, g32 4.75, int8 per channel
@@ -12,21 +12,30 @@ knapsack
     min Σ_l e_l(c_l)   subject to   Σ_l b_l(c_l) ≤ avg_bits · Σ_l n_l
 
 exactly (dynamic programming on costs rounded up to a fine grid, so the budget always holds).
-The result is an ordinary rule list.
+The result is an ordinary rule list. As a recipe step (``mixed``, a selector in
+`jaxquant.ptq.steps`) it runs before the recipe's quantizer, which it also uses to measure
+each 4-bit choice (GPTQ in the shipped ``mixed:avg_bits=N``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxquant.numerics import dequantize, quantize
-from jaxquant.rules import Rule
+from jaxquant.ptq.capture import capture, execution_order, hessian_observer
+from jaxquant.ptq.driver import CalibrationSet
+from jaxquant.ptq.steps import Kind, StatRequest, register
+from jaxquant.rules import Rule, default_rules
 from jaxquant.spec import QuantSpec, as_spec
+from jaxquant.transforms import Plan, map_leaves, named_leaves
 
 CANDIDATES: dict[int, str] = {4: "int4:g128:asym", 8: "int8", 16: "bf16"}
 # 4-bit choices clip each group's range by least squared error (GPTQ's "mse" grid); scales are
@@ -137,3 +146,100 @@ def choose_widths(
   }  # fmt: skip
   sizes = {p: int(np.prod(np.shape(params_leaves[p]))) for p in hessians}
   return allocate(sizes, errors, avg_bits), errors
+
+
+# --------------------------------------------------------------------------- the recipe step
+def base_rules() -> list[Rule]:
+  """The rules a ``mixed:avg_bits=N`` recipe starts from (every kernel a candidate)."""
+  return default_rules(CHOICES[0])
+
+
+def output_errors(model, params, trials, batches, output_fn=None) -> dict:
+  """Mean squared change of the model's output for each trial ``{key: (path, weights)}``,
+  the layer at `path` alone replaced by `weights` — sensitivity measured where it matters,
+  downstream amplification included. ``output_fn(outputs, batch)`` picks what to compare
+  (default: the outputs)."""
+  output_fn = output_fn or (lambda out, batch: out)
+  params = jax.device_put(params)  # once, not on every call
+  apply = jax.jit(lambda p, *batch: output_fn(model.apply({"params": p}, *batch), batch))
+  references = [apply(params, *b) for b in batches]
+  out = {}
+  for key, (path, w) in trials.items():
+    w = jnp.asarray(w)
+    trial = map_leaves(lambda p, v, w=w, path=path: w if p == path else v, params)
+    out[key] = float(np.mean([float(jnp.mean((apply(trial, *b) - r) ** 2))
+                              for b, r in zip(batches, references)]))  # fmt: skip
+  return out
+
+
+def alone_weights(w: np.ndarray, h: np.ndarray, spec, quantizer: Any) -> np.ndarray:
+  """What kernel ``w [in, out]`` serves as under `spec` when it alone is quantized: by the
+  recipe's `quantizer` on its float-input ``h = XᵀX`` below 8 bits where it applies, round to
+  nearest otherwise (at 8 bits and up the error is already small)."""
+  spec = as_spec(spec)
+  needs = getattr(quantizer, "needs", None)
+  takes = needs is None or needs.kind == "hessian"
+  if spec.bits < 8 and quantizer is not None and takes and quantizer.eligible(spec, w.shape):
+    q = quantizer(w, None if needs is None else {"h": h}, spec)[0]
+  else:
+    q = quantize(w, spec)
+  return np.asarray(dequantize(q, jnp.float32))
+
+
+@register("mixed")
+@dataclasses.dataclass(frozen=True)
+class Mixed:
+  """Per-layer formats from `CHOICES` under an ``avg_bits`` budget of stored bits.
+
+  Every layer is quantized alone by every choice (`alone_weights`). ``sensitivity="output"``
+  (default) scores a choice by the model-output error it causes on the first
+  `sensitivity_batches` batches; ``"hessian"`` by ``tr(ΔWᵀHΔW) / n`` alone.
+  """
+
+  kind: ClassVar[Kind] = "select"
+  needs: ClassVar[StatRequest | None] = StatRequest("hessian")
+  avg_bits: float = 5.0
+  sensitivity: str = "output"
+  sensitivity_batches: int = 4
+  choices: tuple[str, ...] = CHOICES
+
+  def __post_init__(self):
+    if self.sensitivity not in ("output", "hessian"):
+      raise ValueError(f"sensitivity must be 'output' or 'hessian', got {self.sensitivity!r}.")
+    object.__setattr__(self, "avg_bits", float(self.avg_bits))
+    object.__setattr__(self, "choices", tuple(self.choices))
+
+  def __call__(self, params, plan: Plan, data: CalibrationSet,
+               quantizer: Any) -> tuple[list[Rule], dict]:  # fmt: skip
+    return choose_rules(params, plan, data, self, quantizer)
+
+
+def choose_rules(params, plan: Plan, data: CalibrationSet, step: Mixed,
+                 quantizer: Any) -> tuple[list[Rule], dict]:  # fmt: skip
+  """Rules with a format per layer from ``step.choices``, in front of the plan's rules; and
+  ``{"specs", "bits", "average_bits" (stored), "nominal_bits", "errors"}``."""
+  rules, choices = plan.rules, step.choices
+  targets = [r.path for r in plan.quantized if len(r.shape) == 2 and r.batch_dims == 0]
+  used = execution_order(data.model, params, rules, data.batches[0], targets)
+  hessians = capture(data.model, params, rules, data.batches, hessian_observer(used),
+                     data.row_mask)  # fmt: skip
+  leaves = {p: np.asarray(v) for p, v in named_leaves(params)}
+  h = {p: np.asarray(hessians[p]["h"]) for p in used}  # off the device once per layer
+  trials = {(p, c): (p, alone_weights(leaves[p], h[p], c, quantizer))
+            for p in used for c in choices}  # fmt: skip
+  if step.sensitivity == "output":
+    errors = output_errors(data.model, params, trials, data.batches[: step.sensitivity_batches],
+                           data.output_fn)  # fmt: skip
+  else:
+    errors = {(p, c): float(np.sum((dw := leaves[p] - w) * (h[p] @ dw))
+                            / float(hessians[p]["n"])) for (p, c), (_, w) in trials.items()}  # fmt: skip
+  sizes = {p: leaves[p].size for p in used}
+  per_layer = {p: {c: errors[p, c] for c in choices} for p in used}
+  costs = {p: {c: stored_bits(c, leaves[p].shape) for c in choices} for p in used}
+  chosen = allocate(sizes, per_layer, step.avg_bits, costs)
+  bits = {p: as_spec(c).bits for p, c in chosen.items()}
+  stored = sum(costs[p][c] for p, c in chosen.items()) / sum(sizes.values())
+  info = {"specs": chosen, "bits": bits, "average_bits": stored,
+          "nominal_bits": average_bits(bits, sizes),
+          "errors": {p: {str(c): e for c, e in es.items()} for p, es in per_layer.items()}}  # fmt: skip
+  return mixed_rules(chosen, base=rules), info

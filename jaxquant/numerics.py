@@ -14,9 +14,9 @@ NF4 stores the index of the nearest of 16 normal-quantile levels in ``[-1, 1]``,
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
-import statistics
 
 import jax
 import jax.numpy as jnp
@@ -24,28 +24,14 @@ import ml_dtypes
 import numpy as np
 
 from jaxquant import calibration
-from jaxquant.packing import pack_4bit, unpack_4bit
-from jaxquant.qarray import QArray
-from jaxquant.spec import QuantSpec, SpecLike, as_spec, check_group_size
+from jaxquant.qarray import QArray, codes, decode, dequantize, from_codes
+from jaxquant.spec import NF4_CODE, QuantSpec, SpecLike, as_spec, check_group_size
+
+__all__ = ["check_finite", "check_input", "codes", "compute_scale", "dequantize", "fake_quant",
+           "fake_quant_along", "find_range", "grouped_view", "quantization_error", "quantize",
+           "quantize_along", "scale_from_range", "static_act_scale", "stored_scale"]
 
 _TINY = float(np.finfo(np.float32).tiny)
-
-
-def _nf4_code() -> np.ndarray:
-  """The 16 NF4 levels (Dettmers et al., 2023): quantiles of N(0, 1) scaled to [-1, 1].
-
-  8 positive levels at quantiles ``linspace(δ, 1/2, 9)[:-1]``, 7 negative ones at
-  ``linspace(δ, 1/2, 8)[:-1]``, and an exact zero, with ``δ = 0.9677083``.
-  """
-  offset = 0.9677083
-  inv_cdf = statistics.NormalDist().inv_cdf
-  positive = [inv_cdf(p) for p in np.linspace(offset, 0.5, 9)[:-1]]
-  negative = [-inv_cdf(p) for p in np.linspace(offset, 0.5, 8)[:-1]]
-  levels = np.sort(np.array(positive + [0.0] + negative))
-  return (levels / levels.max()).astype(np.float32)
-
-
-NF4_CODE = _nf4_code()
 _NF4_MIDPOINTS = (NF4_CODE[1:] + NF4_CODE[:-1]) / 2
 
 
@@ -139,7 +125,8 @@ def scale_from_range(lo: jax.Array, hi: jax.Array, spec: QuantSpec):
     return stored_scale(jnp.where(scale >= _TINY, scale, 1.0), spec), None
   scale = (hi - lo) * (1.0 / (info.qmax - info.qmin))
   scale = stored_scale(jnp.where(scale >= _TINY, scale, 1.0), spec)
-  zero_point = jnp.clip(info.qmin - jnp.round(lo / scale), info.qmin, info.qmax)
+  zero_point = jnp.clip(info.qmin - jnp.round(lo / scale.astype(jnp.float32)), info.qmin,
+                        info.qmax)
   return scale, zero_point.astype(info.storage)
 
 
@@ -151,20 +138,15 @@ def compute_scale(x: jax.Array, spec: SpecLike):
 
 
 # --------------------------------------------------------------------------- step 3/4: map
-def _int_bounds(spec: QuantSpec) -> tuple[float, float]:
-  info = spec.info
-  return (-info.qmax, info.qmax) if spec.symmetric else (info.qmin, info.qmax)
-
-
 def _encode(xv, scale, zero_point, spec: QuantSpec, noise=None):
   """Floats (grouped view) to stored codes."""
   info = spec.info
-  v = xv / scale
+  v = xv / scale.astype(jnp.float32)
   if info.kind == "int":
     rounded = jnp.round(v) if noise is None else jnp.floor(v + noise)
     if zero_point is not None:
       rounded = rounded + zero_point.astype(jnp.float32)
-    return jnp.clip(rounded, *_int_bounds(spec)).astype(info.storage)
+    return jnp.clip(rounded, *spec.int_range).astype(info.storage)
   if info.kind == "float":
     return jnp.clip(v, info.qmin, info.qmax).astype(info.storage)
   # codebook: index of the nearest level
@@ -175,28 +157,17 @@ def _encode(xv, scale, zero_point, spec: QuantSpec, noise=None):
 def _qdq_range(xv, lo, hi, spec: QuantSpec):
   """Quantize-dequantize `xv` with the scale that the range ``[lo, hi]`` gives."""
   scale, zero_point = scale_from_range(lo, hi, spec)
-  return _decode(_encode(xv, scale, zero_point, spec), scale, zero_point, spec)
-
-
-def _decode(codes, scale, zero_point, spec: QuantSpec):
-  """Stored codes (grouped view) to float32."""
-  if spec.info.kind == "codebook":
-    levels = jnp.asarray(NF4_CODE)[codes.astype(jnp.int32)]
-  else:
-    levels = codes.astype(jnp.float32)
-  if zero_point is not None:
-    levels = levels - zero_point.astype(jnp.float32)
-  return levels * scale
+  return decode(_encode(xv, scale, zero_point, spec), scale, zero_point, spec)
 
 
 def _in_range_mask(xv, scale, zero_point, spec: QuantSpec):
   """True where `xv` lies inside the representable range (the STE passes gradient there)."""
   info = spec.info
-  v = xv / scale
+  v = xv / scale.astype(jnp.float32)
   if info.kind == "int":
     if zero_point is not None:
       v = v + zero_point.astype(jnp.float32)
-    lo, hi = _int_bounds(spec)
+    lo, hi = spec.int_range
     # Codes within half a step of the bounds round onto them: not clipped.
     return (v >= lo - 0.5) & (v <= hi + 0.5)
   bound = 1.0 if info.kind == "codebook" else info.qmax
@@ -231,6 +202,7 @@ def quantize(
     zero_point: jax.Array | None = None,
     pack: bool = True,
     path: str = "x",
+    batch_dims: int = 0,
 ) -> QArray:
   """Quantizes `x` to a `QArray` (steps 1–4).
 
@@ -242,51 +214,44 @@ def quantize(
       shaped like ``spec.scale_shape(x.shape)``.
     pack: store 4-bit codes two per byte (``uint8[..., ceil(n/2)]``).
     path: the parameter path named in error messages.
+    batch_dims: leading axes of `x` that index a stack (of layers): every slice is quantized
+      on its own, as ``jax.vmap`` would (`scale`, `zero_point` and `key` then carry them too).
   """
   spec = as_spec(spec)
   check_input(x, path)
   x = jnp.asarray(x)
   check_finite(x, path)
+  if batch_dims:
+    one = lambda xi, ki, si, zi: quantize(xi, spec, key=ki, scale=si, zero_point=zi, pack=pack,
+                                          path=path, batch_dims=batch_dims - 1)  # fmt: skip
+    return jax.vmap(one)(x, _split_key(key, x.shape[0]), scale, zero_point)
   check_group_size(spec, x.shape, path)
-  shape, dtype = tuple(x.shape), np.dtype(x.dtype)
+  dtype = np.dtype(x.dtype)
   if spec.is_cast:
-    return QArray(x.astype(spec.info.storage), None, None, spec, shape, dtype, False)
+    return QArray(x.astype(spec.info.storage), None, None, spec, dtype)
   xv, axes = grouped_view(x.astype(jnp.float32), spec)
   scale, zero_point = _given_or_computed(xv, axes, spec, scale, zero_point)
-  codes = _encode(xv, scale, zero_point, spec, _noise(key, xv.shape, spec)).reshape(shape)
-  packed = pack and spec.info.packed
-  if packed:
-    codes = pack_4bit(codes)
-  return QArray(codes, scale, zero_point, spec, shape, dtype, packed)
+  q = _encode(xv, scale, zero_point, spec, _noise(key, xv.shape, spec)).reshape(x.shape)
+  return from_codes(q, scale, zero_point, trailing_axes(spec, x.ndim), dtype, pack)
 
 
-def codes(q: QArray) -> jax.Array:
-  """The unpacked integer codes of `q` in its logical shape."""
-  stored = q.stored_shape
-  c = q.values
-  if q.packed:
-    n = stored[-1] if stored else 1
-    c = unpack_4bit(c, n, q.spec.info.signed).reshape(stored)
-  return c if q.perm is None else jnp.transpose(c, tuple(np.argsort(q.perm)))
+def _split_key(key: jax.Array | None, n: int) -> jax.Array | None:
+  return None if key is None else jax.random.split(key, n)
 
 
-def dequantize(q: QArray, dtype=None) -> jax.Array:
-  """``(values - zero_point) * scale`` in the logical shape, as `dtype` (default: original)."""
-  dtype = q.dtype if dtype is None else dtype
-  if q.spec.is_cast:
-    return q.values.astype(dtype)
-  c = codes(q)
-  if q.spec.granularity == "group" and q.ndim:
-    axis = q.spec.resolved_axis(q.ndim)
-    g = q.spec.group_size
-    c = c.reshape(q.shape[:axis] + (q.shape[axis] // g, g) + q.shape[axis + 1 :])
-  return _decode(c, q.scale, q.zero_point, q.spec).reshape(q.shape).astype(dtype)
+def trailing_axes(spec: QuantSpec, ndim: int) -> QuantSpec:
+  """`spec` with an explicit axis counted from the end (``channel@0`` of a 2-D tensor becomes
+  ``channel@-2``), so that it still names the same axis once batch axes are prepended
+  (`jax.vmap`, stacked layers)."""
+  if spec.axis is None or spec.axis < 0 or spec.granularity == "tensor" or ndim == 0:
+    return spec
+  return dataclasses.replace(spec, axis=spec.resolved_axis(ndim) - ndim)
 
 
 # --------------------------------------------------------------------------- fake quant
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _ste_qdq(spec: QuantSpec, xv, scale, zero_point, noise):
-  return _decode(_encode(xv, scale, zero_point, spec, noise), scale, zero_point, spec)
+  return decode(_encode(xv, scale, zero_point, spec, noise), scale, zero_point, spec)
 
 
 def _ste_qdq_fwd(spec, xv, scale, zero_point, noise):
@@ -321,15 +286,21 @@ def fake_quant(
     key: jax.Array | None = None,
     scale: jax.Array | None = None,
     zero_point: jax.Array | None = None,
+    batch_dims: int = 0,
 ) -> jax.Array:
   """``dequantize(quantize(x))`` in `x`'s dtype, with a straight-through gradient.
 
   The gradient is the identity where `x` rounds onto the grid without clipping,
   ``(qmin - z - 1/2)Δ <= x <= (qmax - z + 1/2)Δ``, and zero where it is clipped; the scale is
-  treated as a constant (``stop_gradient``).
+  treated as a constant (``stop_gradient``). `batch_dims` leading axes are a stack whose slices
+  are quantized on their own (see `quantize`).
   """
   spec = as_spec(spec)
   check_input(x)
+  if batch_dims:
+    one = lambda xi, ki, si, zi: fake_quant(xi, spec, key=ki, scale=si, zero_point=zi,
+                                            batch_dims=batch_dims - 1)  # fmt: skip
+    return jax.vmap(one)(x, _split_key(key, x.shape[0]), scale, zero_point)
   if spec.is_cast:
     return _ste_cast(x, jnp.zeros((), spec.info.storage))
   xv, axes = grouped_view(jnp.asarray(x).astype(jnp.float32), spec)

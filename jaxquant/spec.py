@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import statistics
 from typing import Literal
 
 import ml_dtypes
@@ -62,6 +63,23 @@ class FormatInfo:
     """Unsigned integer grids carry a zero point; every other format is symmetric."""
     return self.signed or self.kind != "int"
 
+
+def _nf4_code() -> np.ndarray:
+  """The 16 NF4 levels (Dettmers et al., 2023): quantiles of N(0, 1) scaled to [-1, 1].
+
+  8 positive levels at quantiles ``linspace(δ, 1/2, 9)[:-1]``, 7 negative ones at
+  ``linspace(δ, 1/2, 8)[:-1]``, and an exact zero, with ``δ = 0.9677083``.
+  """
+  offset = 0.9677083
+  inv_cdf = statistics.NormalDist().inv_cdf
+  positive = [inv_cdf(p) for p in np.linspace(offset, 0.5, 9)[:-1]]
+  negative = [-inv_cdf(p) for p in np.linspace(offset, 0.5, 8)[:-1]]
+  levels = np.sort(np.array(positive + [0.0] + negative))
+  return (levels / levels.max()).astype(np.float32)
+
+
+#: The NF4 code book: ``nf4`` codes index these 16 levels in [-1, 1] (times the scale).
+NF4_CODE = _nf4_code()
 
 FORMATS: dict[str, FormatInfo] = {
     f.name: f
@@ -217,6 +235,13 @@ class QuantSpec:
   def is_cast(self) -> bool:
     """True for formats that are a plain dtype cast (``bf16``): no scale is kept."""
     return self.info.kind == "cast"
+
+  @property
+  def int_range(self) -> tuple[float, float]:
+    """``(lo, hi)`` of the integer codes this spec stores: the narrow ``[-qmax, qmax]`` when
+    symmetric, the format's full ``[qmin, qmax]`` with a zero point."""
+    info = self.info
+    return (-info.qmax, info.qmax) if self.symmetric else (info.qmin, info.qmax)
 
   def resolved_axis(self, ndim: int) -> int:
     """The non-negative axis this spec's granularity refers to, for an ``ndim``-d tensor."""

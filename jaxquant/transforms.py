@@ -8,11 +8,10 @@ joined by '/', e.g. ``encoder/layer_0/attention/self/query/kernel``.
 from __future__ import annotations
 
 import dataclasses
-import io
 import math
 import warnings
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import jax
@@ -83,8 +82,10 @@ def tree_nbytes(tree) -> int:
 _NEVER_QUANTIZED = frozenset({"bias", "scale", "offset", "mean", "var"})
 
 
-def _selection(path: str, value, rules: Sequence[Rule]) -> tuple[int | None, QuantSpec | None, str]:
-  """``(rule index, spec to apply or None, note)`` for one leaf."""
+def selection(path: str, value, rules: Sequence[Rule]) -> tuple[int | None, QuantSpec | None, str]:
+  """``(rule index, spec to apply or None, note)`` for one leaf: the first matching rule's
+  weight spec, unless the leaf is already quantized, not floating, has fewer than two
+  dimensions (besides the rule's `batch_dims`), or is a bias or norm parameter."""
   idx = first_match(path, rules)
   spec = None if idx is None else rules[idx].weight
   if isinstance(value, QArray):
@@ -94,7 +95,7 @@ def _selection(path: str, value, rules: Sequence[Rule]) -> tuple[int | None, Qua
   dtype = np.dtype(value.dtype)
   if not jnp.issubdtype(dtype, jnp.floating):
     return idx, None, f"kept ({dtype.name})"
-  if np.ndim(value) < 2:
+  if np.ndim(value) - rules[idx].batch_dims < 2:
     return idx, None, "kept (<2 dims)"
   if path.rsplit("/", 1)[-1] in _NEVER_QUANTIZED:
     return idx, None, "kept (bias or norm)"
@@ -103,6 +104,8 @@ def _selection(path: str, value, rules: Sequence[Rule]) -> tuple[int | None, Qua
 
 @dataclasses.dataclass(frozen=True)
 class PlanRow:
+  """One leaf of a `Plan`: its spec (None: kept as it is), bytes, and why."""
+
   path: str
   shape: tuple[int, ...]
   dtype: str
@@ -112,6 +115,7 @@ class PlanRow:
   bytes_after: int
   note: str = ""
   problem: str | None = None
+  batch_dims: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,53 +177,36 @@ class Plan:
         "bytes_after": self.bytes_after,
     }
 
-  def table(
-      self,
-      extra: dict[str, dict[str, str]] | None = None,
-      title: str = "plan",
-      only_quantized: bool = False,
-  ):
-    """A `rich.table.Table`; `extra` maps path -> {column: text} for added columns."""
-    from rich.table import Table
-
-    extra = extra or {}
-    columns = list(dict.fromkeys(c for cols in extra.values() for c in cols))
-    table = Table(title=title, show_lines=False)
-    table.add_column("path", overflow="fold")
-    for name, justify in [("shape", "left"), ("spec", "left"), ("bytes", "right"),
-                          ("quantized", "right")]:
-      table.add_column(name, justify=justify, no_wrap=True)
-    for c in columns:
-      table.add_column(c, justify="right")
-    for r in self.quantized if only_quantized else self.rows:
-      spec = str(r.spec) if r.spec is not None else (r.note or "-")
-      cells = [r.path, "×".join(map(str, r.shape)) or "()", spec,
-               _human(r.bytes_before), _human(r.bytes_after)]
-      table.add_row(*cells, *[extra.get(r.path, {}).get(c, "") for c in columns])
-    return table
-
   def __str__(self) -> str:
-    from rich.console import Console
+    return self.text()
 
-    console = Console(width=140, record=True, file=io.StringIO())
-    console.print(self.table())
-    console.print(self.summary())
-    return console.export_text()
+  def text(self, only_quantized: bool = False) -> str:
+    """A plain-text table (path, shape, spec, bytes before and after) and the summary."""
+    rows = [(r.path, "×".join(map(str, r.shape)) or "()",
+             str(r.spec) if r.spec is not None else (r.note or "-"),
+             human_bytes(r.bytes_before), human_bytes(r.bytes_after))
+            for r in (self.quantized if only_quantized else self.rows)]  # fmt: skip
+    header = ("path", "shape", "spec", "bytes", "quantized")
+    widths = [max(len(c) for c in col) for col in zip(header, *rows)]
+    lines = ["  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in
+                       enumerate(zip(line, widths))) for line in [header, *rows]]  # fmt: skip
+    return "\n".join(lines + [self.summary()])
 
   def summary(self) -> str:
     q = self.quantized
     before = sum(r.bytes_before for r in q)
     after = sum(r.bytes_after for r in q)
     lines = [
-        f"{len(q)} of {len(self.rows)} tensors quantized: {_human(before)} -> {_human(after)}"
+        f"{len(q)} of {len(self.rows)} tensors quantized: {human_bytes(before)} -> {human_bytes(after)}"
         f" ({after / before:.1%})" if before else f"0 of {len(self.rows)} tensors quantized",
-        f"whole tree: {_human(self.bytes_before)} -> {_human(self.bytes_after)}",
+        f"whole tree: {human_bytes(self.bytes_before)} -> {human_bytes(self.bytes_after)}",
     ]
     lines += [f"rule {r.pattern!r} matched nothing" for r in self.unused_rules if r.expect_match]
     return "\n".join(lines)
 
 
-def _human(n: int) -> str:
+def human_bytes(n: float) -> str:
+  """``1536`` -> ``"1.50 KiB"``."""
   for unit in ("B", "KiB", "MiB", "GiB"):
     if n < 1024 or unit == "GiB":
       return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
@@ -232,24 +219,39 @@ def plan(params: PyTree, rules: Sequence[Rule]) -> Plan:
   rules = tuple(rules)
   rows, used = [], set()
   for path, value in named_leaves(params):
-    idx, spec, note = _selection(path, value, rules)
+    idx, spec, note = selection(path, value, rules)
     if idx is not None:
       used.add(idx)
     shape = tuple(np.shape(value)) if not isinstance(value, QArray) else value.shape
+    batch = rules[idx].batch_dims if spec is not None and idx is not None else 0
     before = _nbytes(value)
     problem = None
     after = before
     if spec is not None:
       try:
-        check_group_size(spec, shape, path)
-        spec.resolved_axis(len(shape))
-        after = spec.nbytes(shape)
+        check_group_size(spec, shape[batch:], path)
+        spec.resolved_axis(len(shape) - batch)
+        after = spec.nbytes(shape[batch:]) * math.prod(shape[:batch])
       except ValueError as e:
         problem = str(e) if str(e).startswith(path) else f"{path}: {e}"
     rows.append(PlanRow(path, shape, np.dtype(value.dtype).name, idx, spec, before, after, note,
-                        problem))
+                        problem, batch))  # fmt: skip
   unused = tuple(r for i, r in enumerate(rules) if i not in used)
   return Plan(tuple(rows), rules, unused)
+
+
+def progress_bar(items: Sequence, description: str, progress: bool | Callable) -> Iterable:
+  """`items`, shown with a progress bar: ``progress`` is False (none), True (`rich` when it is
+  installed) or a callable ``(items, description) -> iterable`` of the caller's choosing."""
+  if not progress:
+    return items
+  if callable(progress):
+    return progress(items, description)
+  try:
+    from rich.progress import track  # optional: the core does not depend on rich
+  except ImportError:
+    return items
+  return track(items, description=description, transient=True)
 
 
 # --------------------------------------------------------------------------- transforms
@@ -260,10 +262,10 @@ def _leaf_key(key: jax.Array | None, path: str) -> jax.Array | None:
 
 def quantize_params(
     params: PyTree,
-    rules: Sequence[Rule],
+    rules: Sequence[Rule] | Plan,
     *,
     key: jax.Array | None = None,
-    progress: bool = False,
+    progress: bool | Callable = False,
 ) -> PyTree:
   """The same tree with a `QArray` for every leaf a rule quantizes.
 
@@ -272,25 +274,22 @@ def quantize_params(
 
   Args:
     params: Linen params dict, nested dicts/lists of arrays, or NNX `State`.
-    rules: ordered rules; the first match per path wins.
+    rules: ordered rules (the first match per path wins), or the `Plan` of these params
+      already made from them.
     key: PRNG key for specs with stochastic rounding (folded with a hash of each path).
-    progress: show a progress bar.
+    progress: show a progress bar (see `progress_bar`).
   """
-  p = plan(params, rules)
+  p = rules if isinstance(rules, Plan) else plan(params, rules)
   p.check()
-  specs = {r.path: r.spec for r in p.quantized}
   leaves = dict(named_leaves(params))
-  for path in specs:
-    check_finite(leaves[path], path)
+  todo = [r for r in p.quantized if not isinstance(leaves[r.path], QArray)]
+  for r in todo:
+    check_finite(leaves[r.path], r.path)
   p.warn_unused()
   done: dict[str, QArray] = {}
-  items = list(specs.items())
-  if progress:
-    from rich.progress import track
-
-    items = track(items, description="quantizing", transient=True)
-  for path, spec in items:
-    done[path] = quantize(leaves[path], spec, key=_leaf_key(key, path), path=path)
+  for r in progress_bar(todo, "quantizing", progress):
+    done[r.path] = quantize(leaves[r.path], r.spec, key=_leaf_key(key, r.path), path=r.path,
+                            batch_dims=r.batch_dims)  # fmt: skip
   return map_leaves(lambda path, v: done.get(path, v), params)
 
 
@@ -312,10 +311,11 @@ def fake_quant_params(
   rules = tuple(rules)
 
   def one(path, value):
-    _, spec, _ = _selection(path, value, rules)
-    if spec is None:
+    idx, spec, _ = selection(path, value, rules)
+    if spec is None or idx is None:
       return value
-    check_group_size(spec, np.shape(value), path)
-    return fake_quant(value, spec, key=_leaf_key(key, path))
+    batch = rules[idx].batch_dims
+    check_group_size(spec, np.shape(value)[batch:], path)
+    return fake_quant(value, spec, key=_leaf_key(key, path), batch_dims=batch)
 
   return map_leaves(one, params)

@@ -2,7 +2,7 @@
 
 import jax.numpy as jnp
 
-from jaxquant.bench import time_interleaved
+from jaxquant.apps.bench import time_interleaved
 
 
 def test_time_interleaved_runs_every_call_each_round_and_reports_medians():

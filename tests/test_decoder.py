@@ -8,8 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxquant import data
-from jaxquant.models.decoder import Decoder, DecoderConfig, next_byte_loss
+from jaxquant.apps import data
+from jaxquant.apps.models.decoder import Decoder, DecoderConfig, next_byte_loss
 
 EXPERIMENT = Path(__file__).resolve().parents[1] / "experiments" / "qat_decoder.py"
 

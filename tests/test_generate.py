@@ -7,7 +7,7 @@ import pytest
 
 import jaxquant as jq
 from jaxquant import flax as jqf
-from jaxquant.models.decoder import (
+from jaxquant.apps.models.decoder import (
     Decoder,
     DecoderConfig,
     cache_bytes,

@@ -8,9 +8,9 @@ import pytest
 from safetensors.numpy import save_file
 
 import jaxquant as jq
-from jaxquant import cli
-from jaxquant.models import minilm
-from jaxquant.models.checkpoints import read_tensors
+from jaxquant.apps import cli
+from jaxquant.apps.models import minilm
+from jaxquant.interop import read_tensors
 from jaxquant.numerics import quantization_error
 from jaxquant.transforms import named_leaves
 

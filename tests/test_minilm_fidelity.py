@@ -5,8 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from jaxquant import cli, data, evaluate
-from jaxquant.models import minilm
+from jaxquant.apps import cli, data, evaluate
+from jaxquant.apps.models import minilm
 
 pytest.importorskip(minilm.PACKAGE, reason=minilm.INSTALL_HINT)
 

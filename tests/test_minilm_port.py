@@ -11,8 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxquant import data
-from jaxquant.models import minilm
+from jaxquant.apps import data
+from jaxquant.apps.models import minilm
 
 pytest.importorskip(minilm.PACKAGE, reason=minilm.INSTALL_HINT)
 

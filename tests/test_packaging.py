@@ -12,5 +12,5 @@ def test_every_subpackage_is_listed_for_the_wheel():
   inits = (ROOT / "jaxquant").rglob("__init__.py")
   found = {".".join(p.parent.relative_to(ROOT).parts) for p in inits}
   assert found <= listed, f"add {sorted(found - listed)} to [tool.setuptools] packages"
-  assert config["package-dir"]["jaxquant.recipes"] == "configs"
-  assert list((ROOT / "configs").glob("*.yaml")), "the recipes ship as jaxquant.recipes"
+  assert "*.yaml" in config["package-data"]["jaxquant.recipes"]
+  assert list((ROOT / "jaxquant" / "recipes").glob("*.yaml")), "the recipes ship beside their loader"

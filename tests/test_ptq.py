@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 import jaxquant as jq
-from jaxquant import evaluate, mixed
+from jaxquant import mixed
+from jaxquant.apps import evaluate
 from jaxquant import flax as jqf
 from jaxquant.numerics import codes, quantization_error
 from jaxquant.ptq import gptq as gptq_mod
@@ -41,7 +42,7 @@ def reference_gptq(w, h, spec, damp=0.01, act_order=False):
   W, H = W[perm], H[perm][:, perm]
   U, _ = gptq_mod.damped_inverse_factor(H, damp, 8)
   out = np.zeros_like(W)
-  lo, hi = gptq_mod._grid(spec)
+  lo, hi = spec.int_range
   for i in range(W.shape[0]):
     row = perm[i]
     if fixed is not None:
@@ -78,7 +79,7 @@ def test_gptq_output_error_beats_round_to_nearest(spec):
 @pytest.mark.parametrize("spec", ["int4:g16:asym", "int4:g16", "int8"])
 def test_gptq_mse_scales_never_round_worse_than_the_full_range(spec):
   _, w = _layer(4)
-  lo, hi = gptq_mod._grid(jq.QuantSpec.parse(spec))
+  lo, hi = jq.QuantSpec.parse(spec).int_range
 
   def err(rows, scale, zero):
     return np.sum((rows - (np.clip(np.round(rows / scale) + zero, lo, hi) - zero) * scale) ** 2, 0)
@@ -127,7 +128,7 @@ def test_awq_search_is_never_worse_than_round_to_nearest():
 
 def test_folding_and_input_scales_leave_the_float_model_unchanged():
   from jaxquant import flax as jqf
-  from jaxquant.models import minilm
+  from jaxquant.apps.models import minilm
 
   pytest.importorskip(minilm.PACKAGE)
   params = minilm.load_params()
@@ -189,25 +190,26 @@ def test_mixed_rules_are_an_ordinary_editable_rule_list():
   p = jq.plan(params, rules)
   specs = {r.path: str(r.spec) for r in p.rows}
   assert specs == {"enc/layer_0/q/kernel": "int8", "enc/layer_1/q/kernel": "int4:g128:asym"}
-  recipe = jq.rules.Recipe("mine", tuple(rules), method="gptq")
+  recipe = jq.Recipe("mine", tuple(rules), steps=(("gptq", {}),))
   assert "int4:g128:asym" in recipe.to_yaml()
 
 
 def test_a_mixed_result_resolves_to_a_gptq_recipe_that_reproduces_it(tmp_path):
-  from jaxquant.ptq.recipes import Quantized, resolved_recipe
+  from jaxquant.recipes import Quantized, resolved_recipe
 
-  recipe = jq.rules.load_recipe("mixed:avg_bits=5")
-  recipe = dataclasses.replace(recipe, options={**recipe.options, "damp": 0.05})
+  recipe = jq.load_recipe("mixed:avg_bits=5")
+  recipe = dataclasses.replace(recipe, steps=(recipe.steps[0], ("gptq", {"damp": 0.05})))
   chosen = {"enc/a/kernel": "int8:scale=f16", "enc/b/kernel": "int4:g64:asym:mse:scale=f16"}
   rules = mixed.mixed_rules(chosen, base=recipe.rules)
-  fixed = resolved_recipe(recipe, Quantized({}, tuple(rules), {"specs": chosen}))
-  assert (fixed.method, fixed.options, fixed.rules) == ("gptq", {"damp": 0.05}, tuple(rules))
+  result = Quantized({}, tuple(rules), jq.plan({}, rules), {}, {"mixed": {"specs": chosen}})
+  fixed = resolved_recipe(recipe, result)
+  assert (fixed.steps, fixed.rules) == ((("gptq", {"damp": 0.05}),), tuple(rules))
   assert "1 int8:scale=f16" in fixed.description
   (tmp_path / "chosen.yaml").write_text(fixed.to_yaml())
-  again = jq.rules.load_recipe(str(tmp_path / "chosen.yaml"))
-  assert (again.method, again.options, again.rules) == (fixed.method, fixed.options, fixed.rules)
-  plain = jq.rules.load_recipe("w4g128-gptq")
-  assert resolved_recipe(plain, Quantized({}, plain.rules, {})) is plain
+  again = jq.load_recipe(str(tmp_path / "chosen.yaml"))
+  assert (again.steps, again.rules) == (fixed.steps, fixed.rules)
+  plain = jq.load_recipe("w4g128-gptq")
+  assert resolved_recipe(plain, Quantized({}, plain.rules, jq.plan({}, plain.rules), {}, {})) is plain
 
 
 def test_allocation_is_the_exact_knapsack_optimum_under_stored_bits():
@@ -285,7 +287,7 @@ def test_row_mask_keeps_padding_out_of_the_calibration_statistics():
 
 
 def test_awq_recipe_beats_round_to_nearest_on_the_model_output():
-  from jaxquant.ptq.recipes import apply_recipe
+  from jaxquant.recipes import apply_recipe
 
   model, params, batches = _two_blocks()
   rules = (jq.Rule(".*", "int4:g16:asym"),)
@@ -296,7 +298,8 @@ def test_awq_recipe_beats_round_to_nearest_on_the_model_output():
     return sum(float(jnp.sum((fq.apply({"params": result.qparams}, *b) - r) ** 2))
                for b, r in zip(batches, ref))  # fmt: skip
 
-  awq = apply_recipe(jq.rules.Recipe("awq", rules, method="awq"), params, model, batches)
-  rtn = apply_recipe(jq.rules.Recipe("rtn", rules), params, model, batches)
-  assert set(awq.info) >= {"layers_0_up/kernel", "layers_1_down/kernel"}
+  data = jq.ptq.CalibrationSet(model, batches)
+  awq = apply_recipe(jq.Recipe("awq", rules, steps=(("awq", {}), ("awq_clip", {}))), params, data)
+  rtn = apply_recipe(jq.Recipe("rtn", rules), params, data)
+  assert set(awq.info["awq"]) >= {"layers_0_up/kernel", "layers_1_down/kernel"}
   assert err(awq) < 0.8 * err(rtn)

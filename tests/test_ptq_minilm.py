@@ -5,8 +5,9 @@ import json
 import numpy as np
 import pytest
 
-from jaxquant import cli, data, evaluate, io, mixed
-from jaxquant.models import minilm
+from jaxquant import io, mixed
+from jaxquant.apps import cli, data, evaluate
+from jaxquant.apps.models import minilm
 from jaxquant.rules import load_recipe
 from jaxquant.transforms import named_leaves, plan
 
@@ -39,7 +40,7 @@ def test_gptq_checkpoint_round_trip_through_the_cli(tmp_path, monkeypatch):
 
 
 def test_mixed_precision_chooses_widths_under_the_budget(params):
-  from jaxquant.ptq.recipes import choose_mixed_rules
+  from jaxquant.recipes import choose_mixed_rules
 
   recipe = load_recipe("mixed:avg_bits=5")
   batches = evaluate.minilm_batches(data.calibration_sentences(32), batch_size=16)

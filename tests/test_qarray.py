@@ -61,7 +61,7 @@ def test_no_gradient_flows_into_integer_codes(x):
   q = jq.quantize(x, "int8")
 
   def loss(scale):
-    return jnp.sum(jq.dequantize(jq.QArray(q.values, scale, None, q.spec, q.shape, q.dtype)))
+    return jnp.sum(jq.dequantize(jq.QArray(q.values, scale, None, q.spec, q.dtype)))
 
   g = jax.grad(loss)(q.scale)  # gradient w.r.t. the float scale works; codes are constants
   assert g.shape == q.scale.shape and bool(jnp.all(jnp.isfinite(g)))

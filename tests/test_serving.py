@@ -9,9 +9,9 @@ import pytest
 
 import jaxquant as jq
 from jaxquant import flax as jqf
-from jaxquant import serving
-from jaxquant.cli import main
-from jaxquant.models.decoder import Decoder, DecoderConfig
+from jaxquant import export as serving
+from jaxquant.apps.cli import main
+from jaxquant.apps.models.decoder import Decoder, DecoderConfig
 from jaxquant.ops import serving_layout
 
 CFG = DecoderConfig(dim=128, layers=1, heads=2, mlp=256)
@@ -74,8 +74,8 @@ def test_cli_exports_the_decoder(tmp_path, capsys):
 
 
 def test_cli_exports_minilm_embeddings(tmp_path):
-  from jaxquant import evaluate
-  from jaxquant.models import minilm
+  from jaxquant.apps import evaluate
+  from jaxquant.apps.models import minilm
 
   out = tmp_path / "minilm"
   assert main(["export", "--model", "minilm", "--recipe", "w8a8", "--out", str(out)]) == 0

@@ -25,6 +25,10 @@ from jaxquant.qarray import QArray
 from jaxquant.rules import Rule, first_match
 from jaxquant.spec import QuantSpec
 
+#: The parameter a smoothed layer (AWQ, SmoothQuant) keeps when its ``1/s`` could not be folded
+#: into the op before it: the adapters divide the layer's input by it, ``x / s``.
+INPUT_SCALE = "input_scale"
+
 Mode = Literal["serve", "fake", "calibrate"]
 MODES = ("serve", "fake", "calibrate")
 

@@ -26,12 +26,13 @@ import jax.numpy as jnp
 from flax.linen import dtypes as linen_dtypes
 
 from jaxquant.flax import common
+from jaxquant.learned import LSQ, PACT, lsq_fake_quant, pact_fake_quant
 from jaxquant.ops import qeinsum
 from jaxquant.ops.einsum import expand_equation
 from jaxquant.qarray import QArray
 from jaxquant.rules import Rule
 
-INPUT_SCALE = "input_scale"  # see jaxquant.ptq.smooth
+INPUT_SCALE = common.INPUT_SCALE
 
 _SEAMS = {nn.Dense: "dot_general", nn.DenseGeneral: "dot_general", nn.Conv: "conv_general_dilated"}
 _SEAM_TYPES = {"dot_general": common.DotSeam, "conv_general_dilated": common.ConvSeam}
@@ -59,8 +60,6 @@ def _run_with_seams(module: nn.Module, seam_attr: str, cfg: common.LayerConfig, 
 def _learned_quantizers(cfg: common.LayerConfig, params: dict, args: tuple):
   """QAT with learned quantizers: ``lsq_scale`` fake-quantizes the kernel with its learned
   step, ``pact_alpha`` clips and quantizes the input; the seam then skips those specs."""
-  from jaxquant.training.quantizers import LSQ, PACT, lsq_fake_quant, pact_fake_quant
-
   scale, alpha = params.pop(LSQ, None), params.pop(PACT, None)
   if cfg.mode != "fake":
     if scale is not None or alpha is not None:

@@ -35,8 +35,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxquant.numerics import codes
-from jaxquant.qarray import QArray
+from jaxquant.packing import pack_4bit
+from jaxquant.qarray import QArray, codes
 from jaxquant.spec import QuantSpec
 
 LOWERINGS = ("int8", "w4a8", "dequant", "float")
@@ -94,15 +94,11 @@ def contraction_minor(q: QArray, contracting: tuple[int, ...] = (0,)) -> QArray:
   """
   free = tuple(a for a in range(q.ndim) if a not in contracting)
   perm = free + tuple(contracting)
-  if q.spec.is_cast or perm == tuple(range(q.ndim)) and q.perm is None:
-    return q
-  if q.perm == perm:
+  if q.spec.is_cast or q.axis_order == perm:
     return q
   c = jnp.transpose(codes(q), perm)
   if q.packed:
-    from jaxquant.packing import pack_4bit
-
-    c = pack_4bit(c)
+    return dataclasses.replace(q, values=pack_4bit(c), pad=c.shape[-1] % 2, perm=perm)
   return dataclasses.replace(q, values=c, perm=perm)
 
 
@@ -135,7 +131,8 @@ def is_dense(lhs_ndim: int, rhs_ndim: int, dims) -> bool:
 
 
 def _stored_dims(q: QArray, axes: tuple[int, ...]) -> tuple[int, ...]:
-  return axes if q.perm is None else tuple(q.perm.index(a) for a in axes)
+  order = q.axis_order
+  return tuple(order.index(a) for a in axes)
 
 
 def layout_note(q: QArray, contracting: tuple[int, ...]) -> str:
@@ -164,7 +161,7 @@ def int8_dot(q_lhs: jax.Array, q: QArray, dims, pad: int) -> jax.Array:
   if q.perm is None:
     return acc
   # rhs free axes come out in stored order: put them back in logical order
-  stored_free = [a for a in q.perm if a not in rc and a not in rb]
+  stored_free = [a for a in q.axis_order if a not in rc and a not in rb]
   logical_free = sorted(stored_free)
   n_lead = acc.ndim - len(stored_free)
   order = tuple(range(n_lead)) + tuple(n_lead + stored_free.index(a) for a in logical_free)
@@ -243,7 +240,7 @@ def w4a8_dot(q_lhs: jax.Array, s_lhs: jax.Array, q: QArray, dims, pad: int) -> j
     interleave = False
   else:
     lo, hi = _nibbles(q.values, q.spec.info.signed)
-    packed_axis = q.perm[-1] if q.perm is not None else q.ndim - 1
+    packed_axis = q.axis_order[-1]
     c_stored = _stored_dims(q, (rc,))[0]
     if packed_axis == rc:  # nibbles split the contraction: even / odd indices
       xk = jnp.pad(x, ((0, 0), (0, k % 2)))

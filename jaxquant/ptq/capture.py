@@ -144,3 +144,19 @@ def collect_inputs(
       x, m = np.asarray(got["x"]), np.asarray(got["m"])
       out.setdefault(path, []).append(x[m > 0])
   return {path: np.concatenate(rows) for path, rows in out.items()}
+
+
+def execution_order(model, params, rules: Sequence[Rule], batch: tuple, paths) -> list[str]:
+  """Kernel paths among `paths` in the order the model calls their layers (one forward)."""
+  wanted = set(paths)
+  seen = capture(model, params, rules, [batch],
+                 lambda path, prev, x, *_: jnp.zeros(()) if path in wanted else None)  # fmt: skip
+  return list(seen)
+
+
+def blocks_in_order(order: Sequence[str], pattern: str = DEFAULT_BLOCK) -> list[list[str]]:
+  """`order` cut into consecutive blocks by `block_of`, in order of first appearance."""
+  blocks: dict[str, list[str]] = {}
+  for path in order:
+    blocks.setdefault(block_of(path, pattern), []).append(path)
+  return list(blocks.values())

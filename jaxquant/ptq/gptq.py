@@ -19,8 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxquant.numerics import compute_scale
-from jaxquant.packing import pack_4bit
-from jaxquant.qarray import QArray
+from jaxquant.qarray import QArray, from_codes
 from jaxquant.spec import QuantSpec, SpecLike, as_spec, check_group_size
 
 
@@ -35,9 +34,12 @@ class GPTQConfig:
   max_damp_tries: int = 8
 
 
-def _grid(spec: QuantSpec) -> tuple[float, float]:
-  info = spec.info
-  return (-info.qmax, info.qmax) if spec.symmetric else (info.qmin, info.qmax)
+def gptq_eligible(spec: QuantSpec | None, shape) -> bool:
+  """Whether GPTQ applies: a 2-D ``[in, out]`` kernel, an integer spec per output channel or
+  in groups along the input axis."""
+  return (spec is not None and spec.info.kind == "int" and len(shape) == 2
+          and (spec.granularity == "channel" and spec.resolved_axis(2) == 1
+               or spec.granularity == "group" and spec.resolved_axis(2) == 0))  # fmt: skip
 
 
 _compute_scale = jax.jit(compute_scale, static_argnums=1)  # one compile per group shape
@@ -57,7 +59,7 @@ def group_scales(w: np.ndarray, spec: QuantSpec) -> tuple[np.ndarray, np.ndarray
 
 
 def _quantize_row(w, scale, zero, spec):
-  lo, hi = _grid(spec)
+  lo, hi = spec.int_range
   codes = np.clip(np.round(w / scale) + zero, lo, hi)
   return codes, (codes - zero) * scale
 
@@ -157,9 +159,6 @@ def _as_qarray(codes, scales, zeros, spec: QuantSpec, w) -> QArray:
   else:
     scale = scales.reshape(1, n_out)
   values = jnp.asarray(codes.astype(spec.info.storage))
-  packed = spec.info.packed
-  if packed:
-    values = pack_4bit(values)
   zero = None if spec.symmetric else jnp.asarray(zeros.reshape(scale.shape).astype(spec.info.storage))
   scale = jnp.asarray(scale.astype(spec.scale_storage))
-  return QArray(values, scale, zero, spec, (n_in, n_out), np.dtype(w.dtype), packed)
+  return from_codes(values, scale, zero, spec, np.dtype(w.dtype))

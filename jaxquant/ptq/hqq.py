@@ -16,9 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxquant.numerics import _int_bounds, grouped_view, stored_scale
-from jaxquant.packing import pack_4bit
-from jaxquant.qarray import QArray
+from jaxquant.numerics import grouped_view, stored_scale
+from jaxquant.qarray import QArray, from_codes
 from jaxquant.spec import SpecLike, as_spec
 
 
@@ -42,7 +41,7 @@ def hqq_quantize(
   if spec.info.kind != "int" or spec.symmetric:
     raise ValueError(f"HQQ optimises zero points: use an asymmetric integer spec, got {spec}.")
   xv, axes = grouped_view(jnp.asarray(w, jnp.float32), spec)
-  lo_q, hi_q = _int_bounds(spec)
+  lo_q, hi_q = spec.int_range
   lo = jnp.min(xv, axis=axes, keepdims=True)
   hi = jnp.max(xv, axis=axes, keepdims=True)
   scale = stored_scale(jnp.maximum((hi - lo) / (hi_q - lo_q), 1e-8), spec)
@@ -64,8 +63,4 @@ def hqq_quantize(
   final = jnp.sum(jnp.abs(xv - (q - z) * scale), axis=axes, keepdims=True)
   z = jnp.where(final < best_err, z, best_z)
   codes = jnp.clip(jnp.round(xv / scale + z), lo_q, hi_q).astype(spec.info.storage)
-  codes = codes.reshape(w.shape)
-  packed = spec.info.packed
-  values = pack_4bit(codes) if packed else codes
-  return QArray(values, scale, z.astype(jnp.float32), spec, tuple(w.shape), np.dtype(w.dtype),
-                packed)  # fmt: skip
+  return from_codes(codes.reshape(w.shape), scale, z.astype(jnp.float32), spec, np.dtype(w.dtype))

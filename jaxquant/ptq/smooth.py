@@ -29,9 +29,9 @@ from jaxquant import calibration
 from jaxquant.numerics import dequantize, grouped_view, quantize, scale_from_range
 from jaxquant.qarray import QArray
 from jaxquant.spec import QuantSpec
+from jaxquant.flax.common import INPUT_SCALE
 from jaxquant.transforms import map_leaves, named_leaves
 
-INPUT_SCALE = "input_scale"
 AWQ_ALPHAS = tuple(i / 20 for i in range(20))
 AWQ_CLIPS = tuple(1.0 - 0.05 * i for i in range(10))
 
@@ -47,6 +47,18 @@ class SmoothGroup:
 
   layers: tuple[str, ...]
   fold: tuple[str, str] | None = None
+
+
+def scaled_inputs(stats: dict, s: np.ndarray) -> dict:
+  """Statistics of a layer's inputs ``x`` (`jaxquant.ptq.steps.capture_stats`) as they are
+  for ``x / s``: rows and means divided by `s`, ``XᵀX`` by ``s sᵀ``."""
+  out = dict(stats)
+  for key in ("x", "abs_mean", "abs_max", "abs_sum"):
+    if key in out:
+      out[key] = out[key] / s
+  if "h" in out:
+    out["h"] = np.asarray(out["h"]) / np.outer(s, s)
+  return out
 
 
 def default_groups(paths: Sequence[str]) -> list[SmoothGroup]:
@@ -194,84 +206,3 @@ def even_rows(x: np.ndarray, n: int | None) -> np.ndarray:
   if n is None or x.shape[0] <= n:
     return x
   return x[np.linspace(0, x.shape[0] - 1, n).round().astype(int)]
-
-
-# --------------------------------------------------------------------------- drivers
-def _targets(params, rules) -> dict[str, QuantSpec]:
-  from jaxquant.transforms import plan
-
-  p = plan(params, rules)
-  p.check()
-  return {r.path: r.spec for r in p.quantized if len(r.shape) == 2}
-
-
-def smoothquant_params(model, params: dict, rules, batches, *, alpha: float = 0.5,
-                       groups: Sequence[SmoothGroup] | None = None,
-                       row_mask=None) -> tuple[dict, dict]:  # fmt: skip
-  """SmoothQuant then round-to-nearest by `rules`. Returns ``(qparams, info)``."""
-  from jaxquant.ptq.capture import activation_observer, capture
-  from jaxquant.transforms import quantize_params
-
-  targets = _targets(params, rules)
-  stats = capture(model, params, rules, batches, activation_observer(targets), row_mask)
-  groups = default_groups([p for p in targets if p in stats]) if groups is None else groups
-  groups = [g for g in groups if all(p in stats and p in targets for p in g.layers)]
-  leaves = dict(named_leaves(params))
-  scales = {}
-  for i, g in enumerate(groups):
-    act_max = np.asarray(stats[g.layers[0]]["abs_max"])
-    scales[i] = smoothquant_scales(act_max, [np.asarray(leaves[p]) for p in g.layers], alpha)
-  smoothed = apply_smoothing(params, groups, scales)
-  info = {"groups": len(groups), "folded": sum(g.fold is not None for g in groups),
-          "reference": smoothed}  # fmt: skip
-  return quantize_params(smoothed, rules), info
-
-
-def awq_params(model, params: dict, rules, batches, *, clip: bool = True, duo: bool = True,
-               grid: int = 20, search_rows: int | None = 4096,
-               groups: Sequence[SmoothGroup] | None = None, row_mask=None,
-               progress: bool = False) -> tuple[dict, dict]:  # fmt: skip
-  """AWQ, block by block: per group of layers sharing an input, the scale search on that
-  input's real rows (at most `search_rows`, evenly spaced), folding, then the clip search and
-  round to nearest; the next block's inputs come from the blocks already quantized. Layers in
-  no group are rounded to nearest by `rules`. Returns ``(qparams, info)``."""
-  from jaxquant.ptq.capture import collect_inputs
-  from jaxquant.ptq.sequential import blocks_in_order, execution_order
-  from jaxquant.transforms import quantize_params
-
-  targets = _targets(params, rules)
-  order = execution_order(model, params, rules, batches[0], targets)
-  groups = default_groups(order) if groups is None else groups
-  groups = [g for g in groups if all(p in targets and p in order for p in g.layers)]
-  grouped = {p for g in groups for p in g.layers}
-  blocks = [[p for p in b if p in grouped] for b in blocks_in_order(order)]
-  if progress:
-    from rich.progress import track
-
-    blocks = track(blocks, description="AWQ", transient=True)
-  smoothed, current, done, info = params, params, {}, {}
-  for block in blocks:
-    mine = [g for g in groups if g.layers[0] in block]
-    if not mine:
-      continue
-    rows = collect_inputs(model, current, rules, batches, [g.layers[0] for g in mine], row_mask)
-    leaves = dict(named_leaves(current))
-    scales, inputs = {}, {}
-    for i, g in enumerate(mine):
-      x = rows[g.layers[0]]
-      x_mean = np.mean(np.abs(x), axis=0)
-      x = even_rows(x, search_rows)
-      s, alpha, ratio = awq_search(x, x_mean, [np.asarray(leaves[p]) for p in g.layers],
-                                   targets[g.layers[0]], duo, grid)  # fmt: skip
-      scales[i] = s
-      info[",".join(g.layers)] = {"alpha": alpha, "loss_vs_rtn": ratio}
-      inputs.update({p: x / s for p in g.layers})
-    smoothed = apply_smoothing(smoothed, mine, scales)
-    current = apply_smoothing(current, mine, scales)
-    new = dict(named_leaves(current))
-    for p, x in inputs.items():
-      done[p] = awq_clip(x, np.asarray(new[p]), targets[p]) if clip else quantize(new[p], targets[p])
-    current = map_leaves(lambda path, v: dequantize(done[path]) if path in done else v, current)
-  info["reference"] = smoothed
-  qparams = map_leaves(lambda path, v: done.get(path, v), smoothed)
-  return quantize_params(qparams, rules), info

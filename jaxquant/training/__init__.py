@@ -8,7 +8,7 @@ from jaxquant.training.qat import (
     default_loss_scale,
     make_train_step,
 )
-from jaxquant.training.quantizers import lsq_fake_quant, pact_fake_quant
+from jaxquant.learned import lsq_fake_quant, pact_fake_quant
 
 __all__ = ["DynamicLossScale", "NoLossScale", "Policy", "TrainState", "add_learned_quantizers",
            "all_finite", "convert", "default_loss_scale", "lsq_fake_quant", "make_train_step",

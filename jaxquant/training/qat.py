@@ -25,8 +25,8 @@ from jaxquant.flax import quantize_model
 from jaxquant.numerics import quantize
 from jaxquant.rules import Rule
 from jaxquant.training.policy import DynamicLossScale, NoLossScale, Policy, select_tree
-from jaxquant.training.quantizers import LSQ, PACT, lsq_init_scale
-from jaxquant.transforms import _selection, named_leaves, quantize_params
+from jaxquant.learned import LSQ, PACT, lsq_init_scale
+from jaxquant.transforms import map_leaves, named_leaves, quantize_params, selection
 
 PyTree = Any
 LossFn = Callable[[Callable, PyTree, Any], jax.Array]
@@ -113,7 +113,7 @@ def add_learned_quantizers(
   with an activation spec, ``pact_alpha`` (init `pact_init`): trainable like any parameter."""
   extra: dict[str, dict[str, jax.Array]] = {}
   for path, value in named_leaves(params):
-    idx, spec, _ = _selection(path, value, tuple(rules))
+    idx, spec, _ = selection(path, value, tuple(rules))
     if spec is None or not path.endswith("kernel"):
       continue
     module = path.rsplit("/", 1)[0]
@@ -152,15 +152,13 @@ def convert(qat_params: PyTree, rules: Sequence[Rule]) -> tuple[PyTree, dict[str
     kernel_path = f"{module}/kernel"
     drop.add(path)
     if path.endswith(LSQ):
-      _, spec, _ = _selection(kernel_path, leaves[kernel_path], tuple(rules))
+      _, spec, _ = selection(kernel_path, leaves[kernel_path], tuple(rules))
       done[kernel_path] = quantize(leaves[kernel_path], spec, scale=value, path=kernel_path)
     else:
       alpha = jnp.abs(value).astype(jnp.float32)
       stats[kernel_path] = {"absmax": alpha, "min": -alpha, "max": alpha,
                             "count": jnp.ones(()), "sample": jnp.zeros((1,))}  # fmt: skip
   kept = _without(qat_params, drop)
-  from jaxquant.transforms import map_leaves
-
   return quantize_params(map_leaves(lambda p, v: done.get(p, v), kept), rules), stats
 
 

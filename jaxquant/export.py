@@ -137,7 +137,7 @@ def load_exported(path: str | os.PathLike) -> Served:
   if missing:
     raise FileNotFoundError(
         f"{path}: not a jaxquant export (missing {', '.join(missing)}); write one with "
-        "`jaxquant export` or jaxquant.serving.export_serve."
+        "`jaxquant export` or jaxquant.export.export_serve."
     )
   manifest = json.loads((path / MANIFEST).read_text())
   exported = jax_export.deserialize(bytearray((path / PROGRAM).read_bytes()))
@@ -148,94 +148,3 @@ def load_exported(path: str | os.PathLike) -> Served:
         "re-export the model."
     )
   return Served(exported, variables, manifest)
-
-
-# --------------------------------------------------------------------------- reference models
-@dataclasses.dataclass
-class ServeFunction:
-  """What `export_serve` needs for one model: ``fn(variables, *inputs)``, the (quantized)
-  variables, abstract `inputs` (symbolic dims), a concrete `example` and metadata."""
-
-  fn: Callable
-  variables: Any
-  inputs: list[jax.ShapeDtypeStruct]
-  example: tuple
-  metadata: dict
-
-
-def minilm_serve(recipe: str) -> ServeFunction:
-  """all-MiniLM-L6-v2 quantized by `recipe`: ``(variables, input_ids, attention_mask,
-  token_type_ids [b, s] int32) -> sentence embeddings [b, 384]`` (mean-pooled, unit norm)."""
-  from jaxquant import evaluate
-  from jaxquant.models import minilm
-
-  encoder = evaluate.minilm_encoder(recipe)
-  batch = minilm.tokenize(minilm.load_tokenizer(), ["Quantized models serve anywhere.",
-                                                    "jax.export lowers for cpu, cuda and tpu."])
-  example = tuple(np.asarray(batch[k], np.int32)
-                  for k in ("input_ids", "attention_mask", "token_type_ids"))  # fmt: skip
-  return ServeFunction(
-      minilm.sentence_embedding_fn(encoder.apply_fn), encoder.variables,
-      symbolic_inputs("b, s", [np.int32] * 3, [f"s <= {minilm.MAX_SEQ_LENGTH}"]), example,
-      {"model": "minilm", "recipe": encoder.name,
-       "inputs": ["input_ids [b, s]", "attention_mask [b, s]", "token_type_ids [b, s]"],
-       "constraints": [f"s <= {minilm.MAX_SEQ_LENGTH}"],
-       "output": "sentence embeddings [b, 384], unit L2 norm"},
-  )  # fmt: skip
-
-
-def parse_decoder_config(text: str):
-  """``"dim=512,layers=4,heads=8,mlp=2048"`` -> `DecoderConfig` (unnamed fields: defaults)."""
-  from jaxquant.models.decoder import DecoderConfig
-
-  fields = {f.name for f in dataclasses.fields(DecoderConfig)}
-  values = {}
-  for item in filter(None, (s.strip() for s in text.split(","))):
-    name, _, value = item.partition("=")
-    if name not in fields or not value.strip().isdigit():
-      raise ValueError(f"decoder config {item!r}: expected NAME=INT with NAME one of "
-                       f"{', '.join(sorted(fields))}.")  # fmt: skip
-    values[name] = int(value)
-  return DecoderConfig(**values)
-
-
-def decoder_serve(recipe: str, config: str = "", checkpoint: str | None = None,
-                  seed: int = 0) -> ServeFunction:  # fmt: skip
-  """The byte-level decoder's forward quantized by `recipe`: ``(variables, tokens [b, t]
-  int32) -> logits [b, t, 256]``. Float params from `checkpoint` (`jaxquant.save` of the
-  ``params`` tree, or of ``{"params": ...}``), else random init from `seed`. Recipes that need
-  data calibrate on standard-library source bytes."""
-  import jax.numpy as jnp
-
-  from jaxquant import data, evaluate
-  from jaxquant.flax import quantize_model
-  from jaxquant.models.decoder import Decoder
-  from jaxquant.ptq.recipes import NEEDS_DATA, apply_recipe
-  from jaxquant.rules import load_recipe
-
-  cfg = parse_decoder_config(config)
-  model = Decoder(cfg)
-  if checkpoint:
-    params = io.load(checkpoint)
-    params = params.get("params", params)
-  else:
-    params = model.init(jax.random.key(seed), jnp.zeros((1, 8), jnp.int32))["params"]
-  rec = load_recipe(recipe)
-  rng = np.random.default_rng(seed)
-  corpus = data.stdlib_source("train", 1 << 20)
-  batches = [(jnp.asarray(data.byte_windows(corpus, 8, 128, rng)),) for _ in range(4)]
-  result = apply_recipe(rec, params, model, batches if rec.method in NEEDS_DATA else None)
-  stats = None
-  if evaluate.needs_calibration(result.rules):
-    cal = quantize_model(model, result.rules, "calibrate")
-    for b in batches:
-      stats = cal.apply({"params": result.reference or params}, *b, stats=stats)[1]
-  serve = quantize_model(model, result.rules, "serve", calibration=stats)
-  example = (np.asarray(data.byte_windows(corpus, 2, 64, rng), np.int32),)
-  return ServeFunction(
-      jax.jit(serve.apply), {"params": result.qparams}, symbolic_inputs("b, t", [np.int32]),
-      example,
-      {"model": "decoder", "recipe": rec.name, "config": dataclasses.asdict(cfg),
-       "checkpoint": checkpoint, "seed": None if checkpoint else seed,
-       "inputs": ["tokens [b, t] (bytes as int32)"], "output": "next-byte logits [b, t, 256]"},
-  )  # fmt: skip

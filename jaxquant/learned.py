@@ -20,7 +20,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from jaxquant.numerics import grouped_view
+from jaxquant.numerics import compute_scale, grouped_view
 from jaxquant.spec import QuantSpec, SpecLike, as_spec
 
 LSQ = "lsq_scale"
@@ -72,8 +72,6 @@ def lsq_fake_quant(x: jax.Array, scale: jax.Array, spec: SpecLike) -> jax.Array:
 
 def lsq_init_scale(w: jax.Array, spec: SpecLike) -> jax.Array:
   """Initial step: the round-to-nearest absmax scale, so training starts from RTN."""
-  from jaxquant.numerics import compute_scale
-
   spec = as_spec(spec)
   _symmetric_bound(spec)
   scale, _ = compute_scale(w, spec)

@@ -1,4 +1,5 @@
-"""Reading plain (non-jaxquant) safetensors checkpoints into Flax-style parameter trees."""
+"""Checkpoints made elsewhere: plain safetensors files (Flax or PyTorch layout) as Flax-style
+parameter trees."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ import re
 from pathlib import Path
 
 import numpy as np
+import safetensors
 
-from jaxquant.io import _DTYPES, read_header
+from jaxquant.io import SAFETENSORS_DTYPES, read_header
 
 # Conv/linear weight layouts: PyTorch stores [out, in, *kernel]; Flax [*kernel, in, out].
 _TORCH_TO_FLAX_AXES = {2: (1, 0), 3: (2, 1, 0), 4: (2, 3, 1, 0), 5: (2, 3, 4, 1, 0)}
@@ -16,8 +18,6 @@ _TORCH_TO_FLAX_AXES = {2: (1, 0), 3: (2, 1, 0), 4: (2, 3, 1, 0), 5: (2, 3, 4, 1,
 
 def read_tensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
   """All tensors of a safetensors file as NumPy arrays (bf16 and FP8 included)."""
-  import safetensors
-
   path = Path(path)
   if not path.is_file():
     raise FileNotFoundError(f"{path} does not exist.")
@@ -27,7 +27,7 @@ def read_tensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
   except safetensors.SafetensorError as e:
     raise ValueError(f"{path} is truncated or corrupt ({e}).") from None
   return {
-      name: np.frombuffer(bytes(t["data"]), _DTYPES[t["dtype"]]).reshape(t["shape"]).copy()
+      name: np.frombuffer(bytes(t["data"]), SAFETENSORS_DTYPES[t["dtype"]]).reshape(t["shape"]).copy()
       for name, t in raw
   }
 

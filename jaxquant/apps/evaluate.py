@@ -15,11 +15,13 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxquant import data
+from jaxquant.apps import data
+from jaxquant.apps.models import minilm
 from jaxquant.flax import quantize_model
-from jaxquant.models import minilm
 from jaxquant.ops import serving_layout
-from jaxquant.rules import Recipe, Rule, load_recipe
+from jaxquant.ptq import CalibrationSet
+from jaxquant.recipes import Quantized, Recipe, apply_recipe, load_recipe
+from jaxquant.rules import Rule
 from jaxquant.transforms import dequantize_params, named_leaves
 
 CALIBRATION_SENTENCES = 256  # static activation ranges
@@ -66,25 +68,27 @@ def minilm_batches(sentences: Sequence[str], batch_size: int = 32) -> list[tuple
   return batches
 
 
+def minilm_calibration(sentences: Sequence[str] | None = None) -> CalibrationSet:
+  """MiniLM and batches of `sentences` (default: the first `PTQ_CALIBRATION_SENTENCES` of
+  `data.calibration_sentences`) for the data-driven PTQ steps: real tokens only, the model's
+  smoothing groups (where AWQ/SmoothQuant scales fold), sentence embeddings compared."""
+  sentences = sentences or data.calibration_sentences(PTQ_CALIBRATION_SENTENCES)
+  return CalibrationSet(minilm.MiniLM(), minilm_batches(sentences), row_mask=_real_tokens,
+                        output_fn=_sentence_embedding, smoothing_groups=minilm.smoothing_groups())  # fmt: skip
+
+
 def quantize_minilm(
     recipe: str | Recipe,
     params: dict | None = None,
     calibration_sentences: Sequence[str] | None = None,
     progress: bool = False,
-):
-  """`jaxquant.ptq.apply_recipe` on MiniLM, with calibration batches from real text and the
-  model's smoothing groups (where AWQ/SmoothQuant scales fold)."""
-  from jaxquant.ptq.recipes import NEEDS_DATA, apply_recipe
-
+) -> Quantized:
+  """`jaxquant.apply_recipe` on MiniLM, calibrated on real text (`minilm_calibration`) when
+  the recipe needs data."""
   recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
   params = minilm.load_params() if params is None else params
-  batches = None
-  if recipe.method in NEEDS_DATA:
-    sentences = calibration_sentences or data.calibration_sentences(PTQ_CALIBRATION_SENTENCES)
-    batches = minilm_batches(sentences)
-  return apply_recipe(recipe, params, minilm.MiniLM(), batches, minilm.smoothing_groups(),
-                      progress=progress, output_fn=_sentence_embedding,
-                      row_mask=_real_tokens)  # fmt: skip
+  data_set = minilm_calibration(calibration_sentences) if recipe.needs_data else None
+  return apply_recipe(recipe, params, data_set, progress=progress)
 
 
 def _real_tokens(batch):
@@ -133,7 +137,7 @@ def minilm_encoder(
   `qparams` (e.g. from `jaxquant.load`) skips quantizing; data-driven recipes and static
   activation ranges are calibrated on `calibration_sentences` (default: the first
   `PTQ_CALIBRATION_SENTENCES` or `CALIBRATION_SENTENCES` of the standard library's docstrings
-  from `jaxquant.data.calibration_sentences`, never the evaluation text).
+  from `jaxquant.apps.data.calibration_sentences`, never the evaluation text).
   """
   recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
   params = minilm.load_params() if params is None else params

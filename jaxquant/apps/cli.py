@@ -19,11 +19,16 @@ import time
 import warnings
 from pathlib import Path
 
+import numpy as np
 from rich.console import Console
+from rich.table import Table
 
-from jaxquant import io, transforms
+from jaxquant import export, interop, io, transforms
+from jaxquant.apps import bench, data, evaluate, serving
+from jaxquant.apps.models import minilm
 from jaxquant.numerics import quantization_error
-from jaxquant.rules import load_recipe, recipe_names
+from jaxquant.recipes import Recipe, apply_recipe, load_recipe, recipe_names, resolved_recipe
+from jaxquant.rules import Rule
 
 # Wide enough for full parameter paths when the output goes to a file or pipe.
 console = Console() if sys.stdout.isatty() else Console(width=150)
@@ -31,8 +36,6 @@ console = Console() if sys.stdout.isatty() else Console(width=150)
 
 def load_model_params(model: str, layout: str | None) -> tuple[dict, str]:
   """``(params, description)`` for ``minilm`` or a path to a ``.safetensors`` file."""
-  from jaxquant.models import checkpoints, minilm
-
   if model == "minilm":
     return minilm.load_params(), f"all-MiniLM-L6-v2 ({minilm.checkpoint_path()})"
   path = Path(model)
@@ -40,51 +43,70 @@ def load_model_params(model: str, layout: str | None) -> tuple[dict, str]:
     raise SystemExit(
         f"error: --model {model!r} is neither 'minilm' nor an existing .safetensors file."
     )
-  return checkpoints.load_safetensors_params(path, layout or "flax"), str(path)
+  return interop.load_safetensors_params(path, layout or "flax"), str(path)
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
   io.atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
-def _plan_for(args) -> tuple[dict, transforms.Plan, list, str]:
+def plan_table(plan: transforms.Plan, extra: dict[str, dict[str, str]] | None = None,
+               title: str = "plan", only_quantized: bool = False) -> Table:  # fmt: skip
+  """`plan` as a `rich` table; `extra` maps path -> {column: text} for added columns."""
+  extra = extra or {}
+  columns = list(dict.fromkeys(c for cols in extra.values() for c in cols))
+  table = Table(title=title, show_lines=False)
+  table.add_column("path", overflow="fold")
+  for name, justify in [("shape", "left"), ("spec", "left"), ("bytes", "right"),
+                        ("quantized", "right")]:  # fmt: skip
+    table.add_column(name, justify=justify, no_wrap=True)
+  for c in columns:
+    table.add_column(c, justify="right")
+  for r in plan.quantized if only_quantized else plan.rows:
+    spec = str(r.spec) if r.spec is not None else (r.note or "-")
+    cells = [r.path, "×".join(map(str, r.shape)) or "()", spec,
+             transforms.human_bytes(r.bytes_before), transforms.human_bytes(r.bytes_after)]  # fmt: skip
+    table.add_row(*cells, *[extra.get(r.path, {}).get(c, "") for c in columns])
+  return table
+
+
+def _plan_for(args) -> tuple[dict, transforms.Plan, Recipe]:
+  recipe = load_recipe(args.recipe)  # a bad recipe fails before the model is read
   params, described = load_model_params(args.model, args.layout)
-  recipe = load_recipe(args.recipe)
+  if recipe.needs_data and args.model != "minilm":
+    raise ValueError(
+        f"recipe {recipe.name!r} runs {recipe.step_names}, which need calibration data: the "
+        "command line calibrates the packaged MiniLM only (--model minilm); from Python, pass "
+        "your model and batches to jaxquant.apply_recipe, or use an rtn/hqq recipe here."
+    )
   plan = transforms.plan(params, recipe.rules)
   plan.check()
   console.print(f"[bold]model[/] {described}\n[bold]recipe[/] {recipe.name}: {recipe.description}")
-  return params, plan, list(recipe.rules), recipe.name
+  return params, plan, recipe
 
 
 def cmd_plan(args) -> int:
-  _, plan, _, _ = _plan_for(args)
-  console.print(plan.table(title="plan (dry run)", only_quantized=not args.all))
+  _, plan, _ = _plan_for(args)
+  console.print(plan_table(plan, title="plan (dry run)", only_quantized=not args.all))
   console.print(plan.summary())
   return 0
 
 
-def _apply(args, params, recipe_name):
-  from jaxquant.ptq.recipes import apply_recipe
-
-  recipe = load_recipe(args.recipe)
-  if args.model == "minilm":
-    from jaxquant.evaluate import quantize_minilm
-
-    return quantize_minilm(recipe, params, progress=True)
-  return apply_recipe(recipe, params, progress=True)
+def _apply(args, recipe: Recipe, params):
+  data_set = evaluate.minilm_calibration() if recipe.needs_data else None
+  return apply_recipe(recipe, params, data_set, progress=True)
 
 
 def cmd_quantize(args) -> int:
-  params, plan, rules, recipe_name = _plan_for(args)
+  params, _, recipe = _plan_for(args)
+  recipe_name = recipe.name
   start = time.perf_counter()
   with warnings.catch_warnings():
     warnings.simplefilter("ignore", UserWarning)  # unused rules are shown in the summary
-    result = _apply(args, params, recipe_name)
-  qparams, rules = result.qparams, list(result.rules)
+    result = _apply(args, recipe, params)
+  qparams, rules, plan = result.qparams, list(result.rules), result.plan
   elapsed = time.perf_counter() - start
-  if rules != list(load_recipe(args.recipe).rules):  # e.g. mixed precision chose widths
-    plan = transforms.plan(params, rules)
-  originals = dict(transforms.named_leaves(result.reference or params))
+  originals = dict(transforms.named_leaves(result.reference))
   errors = {}
   for path, leaf in transforms.named_leaves(qparams):
     if path in {r.path for r in plan.quantized}:
@@ -93,7 +115,7 @@ def cmd_quantize(args) -> int:
       p: {"rel err": f"{e['rel_error']:.3%}", "SNR dB": f"{e['snr_db']:.1f}"}
       for p, e in errors.items()
   }
-  console.print(plan.table(extra, title=f"{recipe_name}: per-tensor error",
+  console.print(plan_table(plan, extra, title=f"{recipe_name}: per-tensor error",
                            only_quantized=not args.all))
   out = Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
@@ -123,16 +145,20 @@ def cmd_quantize(args) -> int:
       "seconds": elapsed,
       "errors": errors,
       "plan": plan.to_dict(),
-      "method": load_recipe(args.recipe).method,
-      "info": {k: v for k, v in result.info.items() if k != "errors"},
+      "steps": [{n: o} for n, o in recipe.steps],
+      "info": _report_info(result.info),
   }
   _write_text_atomic(out / "report.json", json.dumps(report, indent=1, default=_json_safe))
-  from jaxquant.ptq.recipes import resolved_recipe
-
-  recipe = resolved_recipe(load_recipe(args.recipe), result)
+  recipe = resolved_recipe(recipe, result)
   _write_text_atomic(out / "recipe.yaml", recipe.to_yaml())  # reproduces this checkpoint
   console.print(f"recipe {out / 'recipe.yaml'} : {recipe.description or recipe.name}")
   return 0
+
+
+def _report_info(info: dict) -> dict:
+  """Per-step notes for report.json, without the bulky per-layer error tables."""
+  return {step: {k: v for k, v in notes.items() if k != "errors"} if isinstance(notes, dict)
+          else notes for step, notes in info.items()}  # fmt: skip
 
 
 def _json_safe(x):
@@ -142,27 +168,21 @@ def _json_safe(x):
 
 
 def _read_lines(path: str) -> list[str]:
-  from jaxquant.data import read_sentences
-
   if not Path(path).is_file():
     raise FileNotFoundError(f"--sentences {path}: no such file (one sentence per line).")
-  sentences = read_sentences(path)
+  sentences = data.read_sentences(path)
   if not sentences:
     raise ValueError(f"--sentences {path} has no non-empty lines.")
   return sentences
 
 
 def _encoder(args):
-  from jaxquant import evaluate
-
   _require_minilm(args.model)
   if args.checkpoint:
     folder = Path(args.checkpoint)
     report = json.loads((folder / "report.json").read_text()) if (folder / "report.json").is_file() else None
     if report is None:
       raise FileNotFoundError(f"{folder} has no report.json; make it with `jaxquant quantize`.")
-    from jaxquant.rules import Recipe, Rule
-
     rules = tuple(Rule(**r) for r in report["rules"])
     recipe = Recipe(report["recipe"], rules, f"checkpoint {folder}")
     return evaluate.minilm_encoder(recipe, qparams=io.load(folder))
@@ -175,8 +195,6 @@ def _require_minilm(model: str) -> None:
 
 
 def cmd_embed(args) -> int:
-  import numpy as np
-
   sentences = _read_lines(args.sentences)
   encoder = _encoder(args)
   emb = encoder.encode(sentences)
@@ -192,10 +210,6 @@ def cmd_embed(args) -> int:
 
 
 def cmd_eval(args) -> int:
-  from rich.table import Table
-
-  from jaxquant import data, evaluate
-
   _require_minilm(args.model)
   sentences = _read_lines(args.sentences) if args.sentences else data.evaluation_sentences(args.n)
   names = [r.strip() for r in args.recipes.split(",") if r.strip()]
@@ -226,8 +240,6 @@ def cmd_eval(args) -> int:
 
 
 def cmd_bench(args) -> int:
-  from jaxquant import bench
-
   rows = bench.run(args.quick, args.repeats, args.out, qwix=not args.no_qwix,
                    progress=lambda line: console.print(line, highlight=False))  # fmt: skip
   console.print(bench.markdown(rows), highlight=False)
@@ -244,10 +256,6 @@ def cmd_recipes(args) -> int:
 
 
 def cmd_export(args) -> int:
-  import numpy as np
-
-  from jaxquant import serving
-
   if args.model == "minilm":
     if args.checkpoint or args.config:
       raise ValueError("--checkpoint and --config apply to --model decoder.")
@@ -256,14 +264,14 @@ def cmd_export(args) -> int:
     target = serving.decoder_serve(args.recipe, args.config, args.checkpoint, args.seed)
   platforms = [p.strip() for p in args.platforms.split(",") if p.strip()]
   start = time.perf_counter()
-  out = serving.export_serve(args.out, target.fn, target.variables, target.inputs, platforms,
+  out = export.export_serve(args.out, target.fn, target.variables, target.inputs, platforms,
                              target.metadata)  # fmt: skip
   elapsed = time.perf_counter() - start
-  served = serving.load_exported(out)  # check the artifact before reporting success
+  served = export.load_exported(out)  # check the artifact before reporting success
   diff = float(np.max(np.abs(np.asarray(served(*target.example))
                              - np.asarray(target.fn(target.variables, *target.example)))))  # fmt: skip
   sizes = ", ".join(f"{n} {(out / n).stat().st_size / 2**20:.2f} MiB"
-                    for n in (serving.PROGRAM, serving.PARAMS))  # fmt: skip
+                    for n in (export.PROGRAM, export.PARAMS))  # fmt: skip
   console.print(f"{args.model} ({target.metadata['recipe']}) exported for "
                 f"{', '.join(served.platforms)} in {elapsed:.1f} s -> {out}: {sizes}; params "
                 f"passed as an argument; reloaded on CPU, max |diff| {diff:.3g}", highlight=False)

@@ -1,1 +1,0 @@
-"""Recipes shipped with jaxquant (installed as the package data of ``jaxquant.recipes``)."""

@@ -1,0 +1,1 @@
+"""Applications built on the jaxquant core: reference models, text corpora, evaluation, benchmarks,\nserving helpers for the reference models, and the command line. The core never imports them."""

@@ -1,0 +1,1 @@
+"""Reference models: the MiniLM sentence encoder and a small byte-level decoder."""
