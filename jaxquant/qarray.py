@@ -60,7 +60,7 @@ class QArray:
   def __post_init__(self):
     object.__setattr__(self, "dtype", np.dtype(self.dtype))
     if self.perm is not None:
-      object.__setattr__(self, "perm", tuple(int(a) for a in self.perm))
+      object.__setattr__(self, "perm", _trailing_perm(self.perm))
     if _is_array_like(self.values) and all(
         c is None or _is_array_like(c) for c in (self.scale, self.zero_point)
     ):
@@ -140,6 +140,15 @@ jax.tree_util.register_dataclass(
     data_fields=["values", "scale", "zero_point"],
     meta_fields=["spec", "dtype", "packed", "pad", "perm"],
 )
+
+
+def _trailing_perm(perm) -> tuple[int, ...] | None:
+  """`perm` without its leading axes that stay in place (they are batch axes to a slice):
+  ``(0, 2, 1)`` -> ``(1, 0)``; the identity -> None."""
+  perm = tuple(int(a) for a in perm)
+  while perm and perm[0] == 0 and sorted(perm) == list(range(len(perm))):
+    perm = tuple(a - 1 for a in perm[1:])
+  return perm or None
 
 
 def _is_array_like(x) -> bool:

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -77,8 +78,6 @@ def _qwix(w: jax.Array, x: jax.Array) -> list[Variant]:
     import qwix
   except ImportError:
     return []
-  import flax.linen as nn
-
   model = nn.Dense(w.shape[1], use_bias=False)
   params = {"kernel": w}
   configs = {

@@ -22,6 +22,7 @@ import functools
 import os
 import re
 import sysconfig
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -158,8 +159,6 @@ HELDOUT_EVERY = 10  # one file in ten (by a hash of its path) is held out
 
 
 def _is_heldout(relative: str) -> bool:
-  import zlib
-
   return zlib.crc32(relative.encode()) % HELDOUT_EVERY == 0
 
 
