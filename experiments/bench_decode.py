@@ -29,11 +29,11 @@ import jaxquant as jq
 from jaxquant import flax as jqf
 from jaxquant.apps.bench import time_interleaved
 from jaxquant.apps.models.decoder import (
-    Decoder,
-    DecoderConfig,
-    cache_bytes,
-    init_cache,
-    make_generate,
+  Decoder,
+  DecoderConfig,
+  cache_bytes,
+  init_cache,
+  make_generate,
 )
 from jaxquant.ops import serving_layout
 from jaxquant.transforms import tree_nbytes
@@ -41,16 +41,16 @@ from jaxquant.transforms import tree_nbytes
 RESULTS = Path(__file__).parent / "results"
 EMBED = jq.Rule("embed", None, expect_match=False)
 RECIPES = {
-    "fp32": None,
-    "w8a8": [EMBED, jq.Rule(".*", weight="int8", act="int8:token")],
-    "w8": [EMBED, jq.Rule(".*", weight="int8")],
-    "w4g128": [EMBED, jq.Rule(".*", weight="int4:g128")],
-    "w4g64": [EMBED, jq.Rule(".*", weight="int4:g64")],
-    "w4a8g128": [EMBED, jq.Rule(".*", weight="int4:g128", act="int8:token")],
+  "fp32": None,
+  "w8a8": [EMBED, jq.Rule(".*", weight="int8", act="int8:token")],
+  "w8": [EMBED, jq.Rule(".*", weight="int8")],
+  "w4g128": [EMBED, jq.Rule(".*", weight="int4:g128")],
+  "w4g64": [EMBED, jq.Rule(".*", weight="int4:g64")],
+  "w4a8g128": [EMBED, jq.Rule(".*", weight="int4:g128", act="int8:token")],
 }
 CONFIGS = {
-    "default": DecoderConfig(),
-    "wide": DecoderConfig(dim=512, layers=4, heads=8, mlp=2048),
+  "default": DecoderConfig(),
+  "wide": DecoderConfig(dim=512, layers=4, heads=8, mlp=2048),
 }
 CACHES = ("float32", "int8")
 
@@ -113,31 +113,50 @@ def main() -> None:
       for (recipe, cache), sec in seconds.items():
         wbytes, diff = served[recipe, cache]
         kv = cache_bytes(init_cache(cfg, b, args.prompt + steps, cache))
-        rows.append({"config": cname, "recipe": recipe, "cache": cache, "batch": b,
-                     "tokens_per_s": b * steps / sec, "seconds": sec, "weight_bytes": wbytes,
-                     "cache_bytes": kv, "max_logit_diff": diff,
-                     "max_abs_logit": scale})  # fmt: skip
+        rows.append(
+          {
+            "config": cname,
+            "recipe": recipe,
+            "cache": cache,
+            "batch": b,
+            "tokens_per_s": b * steps / sec,
+            "seconds": sec,
+            "weight_bytes": wbytes,
+            "cache_bytes": kv,
+            "max_logit_diff": diff,
+            "max_abs_logit": scale,
+          }
+        )
         print(f"{cname} {recipe:7s} kv={cache:7s} b={b}: {b * steps / sec:9.1f} tok/s", flush=True)
-  base = {(r["config"], r["batch"]): r["tokens_per_s"] for r in rows
-          if r["recipe"] == "fp32" and r["cache"] == "float32"}  # fmt: skip
+  base = {
+    (r["config"], r["batch"]): r["tokens_per_s"]
+    for r in rows
+    if r["recipe"] == "fp32" and r["cache"] == "float32"
+  }
   for r in rows:
     r["ratio_vs_fp32"] = r["tokens_per_s"] / base[(r["config"], r["batch"])]
-  header = (f"{platform.processor() or platform.machine()}, {jax.devices()[0].platform}, "
-            f"jax {jax.__version__}; prompt {args.prompt} bytes, {steps} new tokens, median of "
-            f"{repeats}; cache bytes for {args.prompt + steps} positions")
+  header = (
+    f"{platform.processor() or platform.machine()}, {jax.devices()[0].platform}, "
+    f"jax {jax.__version__}; prompt {args.prompt} bytes, {steps} new tokens, median of "
+    f"{repeats}; cache bytes for {args.prompt + steps} positions"
+  )
   lines = [header, ""]
   for cname, cfg in configs.items():
     scale = next(r["max_abs_logit"] for r in rows if r["config"] == cname)
-    lines += [f"**{cname}** ({cfg.dim} dim, {cfg.layers} layers, {cfg.heads} heads, "
-              f"MLP {cfg.mlp}; largest FP32 |logit| on the check sequence {scale:.2f})", "",
-              "| weights | KV cache | batch | tokens/s | vs FP32 | weight KiB | cache KiB | "
-              "max abs logit diff |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines += [
+      f"**{cname}** ({cfg.dim} dim, {cfg.layers} layers, {cfg.heads} heads, "
+      f"MLP {cfg.mlp}; largest FP32 |logit| on the check sequence {scale:.2f})",
+      "",
+      "| weights | KV cache | batch | tokens/s | vs FP32 | weight KiB | cache KiB | "
+      "max abs logit diff |",
+      "|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
       if r["config"] == cname:
         lines.append(
-            f"| {r['recipe']} | {r['cache']} | {r['batch']} | {r['tokens_per_s']:.1f} | "
-            f"{r['ratio_vs_fp32']:.2f}x | {r['weight_bytes'] / 1024:.0f} | "
-            f"{r['cache_bytes'] / 1024:.1f} | {r['max_logit_diff']:.4f} |"
+          f"| {r['recipe']} | {r['cache']} | {r['batch']} | {r['tokens_per_s']:.1f} | "
+          f"{r['ratio_vs_fp32']:.2f}x | {r['weight_bytes'] / 1024:.0f} | "
+          f"{r['cache_bytes'] / 1024:.1f} | {r['max_logit_diff']:.4f} |"
         )
     lines.append("")
   text = "\n".join(lines).rstrip() + "\n"
@@ -146,7 +165,8 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "bench_decode.md").write_text(text)
     (RESULTS / "bench_decode.json").write_text(
-        json.dumps({"header": header, "rows": rows}, indent=1))
+      json.dumps({"header": header, "rows": rows}, indent=1)
+    )
 
 
 if __name__ == "__main__":

@@ -101,31 +101,49 @@ def main() -> None:
   w4 = [jq.Rule(".*", weight="int4:g128")]
   fp32, bf16 = "params=float32,compute=float32", "params=float32,compute=bfloat16,output=float32"
   steps: dict[str, tuple[Callable, object]] = {
-      "fp32 (plain jax + optax)": (plain_step(model, opt), (params, opt.init(params))),
-      "jaxquant int8 QAT (w8a8)": (jaxquant_step(model, w8a8, opt, fp32), None),
-      "jaxquant int8 QAT, bf16 compute": (jaxquant_step(model, w8a8, opt, bf16), None),
-      "jaxquant int4 QAT (w4 g128)": (jaxquant_step(model, w4, opt, fp32), None),
+    "fp32 (plain jax + optax)": (plain_step(model, opt), (params, opt.init(params))),
+    "jaxquant int8 QAT (w8a8)": (jaxquant_step(model, w8a8, opt, fp32), None),
+    "jaxquant int8 QAT, bf16 compute": (jaxquant_step(model, w8a8, opt, bf16), None),
+    "jaxquant int4 QAT (w4 g128)": (jaxquant_step(model, w4, opt, fp32), None),
   }
-  steps = {k: (fn, s if s is not None else training.TrainState.create(params, opt))
-           for k, (fn, s) in steps.items()}  # fmt: skip
+  steps = {
+    k: (fn, s if s is not None else training.TrainState.create(params, opt))
+    for k, (fn, s) in steps.items()
+  }
   qwix = qwix_step(model, opt)
   if qwix is not None:
     steps["qwix 0.1.8 int8 QAT (w8a8)"] = (qwix, (params, opt.init(params)))
   wall, cpu = time_steps(steps, batch, rounds)
   base, base_cpu = wall["fp32 (plain jax + optax)"], cpu["fp32 (plain jax + optax)"]
-  lines = [f"{model.depth}-layer MLP, width {width}, batch {batch_rows}, adam; "
-           f"median of {rounds} interleaved rounds on {jax.devices()[0].device_kind} "
-           f"({jax.device_count()} device, {os.cpu_count()} cores)", "",
-           "| step | wall ms | × fp32 | CPU ms | × fp32 (CPU) |", "|---|---|---|---|---|"]  # fmt: skip
+  lines = [
+    f"{model.depth}-layer MLP, width {width}, batch {batch_rows}, adam; "
+    f"median of {rounds} interleaved rounds on {jax.devices()[0].device_kind} "
+    f"({jax.device_count()} device, {os.cpu_count()} cores)",
+    "",
+    "| step | wall ms | × fp32 | CPU ms | × fp32 (CPU) |",
+    "|---|---|---|---|---|",
+  ]
   for name in wall:
-    lines.append(f"| {name} | {1e3 * wall[name]:.1f} | {wall[name] / base:.2f} | "
-                 f"{1e3 * cpu[name]:.1f} | {cpu[name] / base_cpu:.2f} |")
+    lines.append(
+      f"| {name} | {1e3 * wall[name]:.1f} | {wall[name] / base:.2f} | "
+      f"{1e3 * cpu[name]:.1f} | {cpu[name] / base_cpu:.2f} |"
+    )
   print("\n".join(lines))
   if not args.quick:
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "bench_qat_step.md").write_text("\n".join(lines) + "\n")
-    (RESULTS / "bench_qat_step.json").write_text(json.dumps(
-        {"median_wall_s": wall, "median_cpu_s": cpu, "width": width, "batch": batch_rows, "rounds": rounds}, indent=1))
+    (RESULTS / "bench_qat_step.json").write_text(
+      json.dumps(
+        {
+          "median_wall_s": wall,
+          "median_cpu_s": cpu,
+          "width": width,
+          "batch": batch_rows,
+          "rounds": rounds,
+        },
+        indent=1,
+      )
+    )
 
 
 if __name__ == "__main__":

@@ -33,12 +33,14 @@ def variants(m: int, k: int, n: int) -> dict:
   scale = jnp.max(jnp.abs(w), axis=0, keepdims=True) / 127
   w8 = jnp.round(w / scale).astype(jnp.int8)
   x8 = jnp.clip(jnp.round(x * 30), -127, 127).astype(jnp.int8)
-  i8 = lambda a, b: lax.dot_general(a, b, DENSE, preferred_element_type=jnp.int32)  # noqa: E731
+  i8 = lambda a, b: lax.dot_general(a, b, DENSE, preferred_element_type=jnp.int32)
   out = {
-      "f32 x @ w": (jax.jit(lambda a, b: a @ b), (x, w)),
-      "i8 x i8 -> i32": (jax.jit(i8), (x8, w8)),
-      "f32, int8 weights dequantized in graph": (
-          jax.jit(lambda a, b, s: a @ (b.astype(jnp.float32) * s)), (x, w8, scale)),
+    "f32 x @ w": (jax.jit(lambda a, b: a @ b), (x, w)),
+    "i8 x i8 -> i32": (jax.jit(i8), (x8, w8)),
+    "f32, int8 weights dequantized in graph": (
+      jax.jit(lambda a, b, s: a @ (b.astype(jnp.float32) * s)),
+      (x, w8, scale),
+    ),
   }
   if m == 1:
     pad = jax.jit(lambda a, b: i8(jnp.pad(a, ((0, 1), (0, 0))), b)[:1])
@@ -56,13 +58,18 @@ def main() -> None:
   args = parser.parse_args()
   k, n, rounds = (256, 256, 3) if args.quick else (args.k, args.n, args.rounds)
   rows = [int(r) for r in args.rows.split(",")]
-  lines = [f"{k}×{n} layer; jax {jax.__version__} on {jax.default_backend()} "
-           f"({os.cpu_count()} cores); median ms of {rounds} interleaved rounds (× = f32 / it)",
-           "", "| M | operation | median ms | × vs f32 |", "|---|---|---|---|"]  # fmt: skip
+  lines = [
+    f"{k}×{n} layer; jax {jax.__version__} on {jax.default_backend()} "
+    f"({os.cpu_count()} cores); median ms of {rounds} interleaved rounds (× = f32 / it)",
+    "",
+    "| M | operation | median ms | × vs f32 |",
+    "|---|---|---|---|",
+  ]
   result = {}
   for m in rows:
-    calls = {name: (lambda fn=fn, args=args: fn(*args))
-             for name, (fn, args) in variants(m, k, n).items()}  # fmt: skip
+    calls = {
+      name: (lambda fn=fn, args=args: fn(*args)) for name, (fn, args) in variants(m, k, n).items()
+    }
     med = {name: 1e3 * s for name, s in time_interleaved(calls, rounds)[0].items()}
     result[m] = med
     for name, ms in med.items():
@@ -71,8 +78,9 @@ def main() -> None:
   if not args.quick:
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "bench_raw_ops.md").write_text("\n".join(lines) + "\n")
-    (RESULTS / "bench_raw_ops.json").write_text(json.dumps(
-        {"k": k, "n": n, "rounds": rounds, "median_ms": result}, indent=1))
+    (RESULTS / "bench_raw_ops.json").write_text(
+      json.dumps({"k": k, "n": n, "rounds": rounds, "median_ms": result}, indent=1)
+    )
 
 
 if __name__ == "__main__":

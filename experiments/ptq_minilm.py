@@ -19,8 +19,9 @@ from pathlib import Path
 from jaxquant.apps import cli
 
 RESULTS = Path(__file__).parent / "results"
-RECIPES = ("fp32,w8,w8a8,w8a8-smooth,w4g128-asym,w4g64-hqq,w4g128-awq,w4g128-gptq,"
-           "mixed:avg_bits=5,nf4")  # fmt: skip
+RECIPES = (
+  "fp32,w8,w8a8,w8a8-smooth,w4g128-asym,w4g64-hqq,w4g128-awq,w4g128-gptq,mixed:avg_bits=5,nf4"
+)
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -33,8 +34,9 @@ def plot(rows: list[dict], path: Path) -> None:
   for r in rows:
     mib = r["encoder_kernel_bytes"] / 2**20
     ax.scatter(mib, r["mean_cosine"], s=30)
-    ax.annotate(r["recipe"], (mib, r["mean_cosine"]), fontsize=8, xytext=(4, 3),
-                textcoords="offset points")  # fmt: skip
+    ax.annotate(
+      r["recipe"], (mib, r["mean_cosine"]), fontsize=8, xytext=(4, 3), textcoords="offset points"
+    )
   ax.set_xscale("log")
   ax.set_xlabel("encoder kernel bytes (MiB, log scale)")
   ax.set_ylabel("mean cosine to float32 embeddings")
@@ -57,8 +59,9 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--recipes", default=RECIPES)
   parser.add_argument("-n", type=int, default=512)
-  parser.add_argument("--update", action="store_true",
-                      help="merge the listed recipes' rows into the existing results")  # fmt: skip
+  parser.add_argument(
+    "--update", action="store_true", help="merge the listed recipes' rows into the existing results"
+  )
   args = parser.parse_args()
   RESULTS.mkdir(exist_ok=True)
   out = RESULTS / "ptq_minilm.json"
@@ -71,12 +74,16 @@ def main() -> None:
   else:
     cli.main(["eval", "--recipes", args.recipes, "-n", str(args.n), "--json", str(out)])
     result = json.loads(out.read_text())
-  lines = ["| recipe | mean cos | min cos | top-5 agree | encoder kernels MiB | embed s |",
-           "|---|---|---|---|---|---|"]  # fmt: skip
+  lines = [
+    "| recipe | mean cos | min cos | top-5 agree | encoder kernels MiB | embed s |",
+    "|---|---|---|---|---|---|",
+  ]
   for r in result["rows"]:
-    lines.append(f"| {r['recipe']} | {r['mean_cosine']:.5f} | {r['min_cosine']:.5f} | "
-                 f"{r['top5_agreement']:.3f} | {r['encoder_kernel_bytes'] / 2**20:.2f} | "
-                 f"{r['seconds']:.2f} |")  # fmt: skip
+    lines.append(
+      f"| {r['recipe']} | {r['mean_cosine']:.5f} | {r['min_cosine']:.5f} | "
+      f"{r['top5_agreement']:.3f} | {r['encoder_kernel_bytes'] / 2**20:.2f} | "
+      f"{r['seconds']:.2f} |"
+    )
   (RESULTS / "ptq_minilm.md").write_text("\n".join(lines) + "\n")
   plot(result["rows"], RESULTS / "ptq_minilm.png")
   print("\n".join(lines))

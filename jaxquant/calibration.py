@@ -42,7 +42,7 @@ def _quantile_over(x: jax.Array, axes: Sequence[int], q: float) -> jax.Array:
 
 
 def percentile_range(
-    x: jax.Array, axes: Sequence[int], percentile: float, symmetric: bool
+  x: jax.Array, axes: Sequence[int], percentile: float, symmetric: bool
 ) -> Range:
   """Clips the tails: symmetric uses the `percentile` of ``|x|``; asymmetric clips each side."""
   q = percentile / 100.0
@@ -83,11 +83,11 @@ def init_act_stats(sample_size: int = ACT_SAMPLE) -> dict[str, jax.Array]:
   of everything seen (each slot an independent draw), for percentile and MSE ranges.
   """
   return {
-      "absmax": jnp.zeros((), jnp.float32),
-      "min": jnp.zeros((), jnp.float32),
-      "max": jnp.zeros((), jnp.float32),
-      "count": jnp.zeros((), jnp.float32),
-      "sample": jnp.zeros((sample_size,), jnp.float32),
+    "absmax": jnp.zeros((), jnp.float32),
+    "min": jnp.zeros((), jnp.float32),
+    "max": jnp.zeros((), jnp.float32),
+    "count": jnp.zeros((), jnp.float32),
+    "sample": jnp.zeros((sample_size,), jnp.float32),
   }
 
 
@@ -102,11 +102,11 @@ def update_act_stats(stats: dict, x: jax.Array, key: jax.Array) -> dict:
   take_new = jax.random.uniform(mix_key, (k,)) < n / total
   first = stats["count"] == 0
   return {
-      "absmax": jnp.maximum(stats["absmax"], jnp.max(jnp.abs(flat))),
-      "min": jnp.where(first, jnp.min(flat), jnp.minimum(stats["min"], jnp.min(flat))),
-      "max": jnp.where(first, jnp.max(flat), jnp.maximum(stats["max"], jnp.max(flat))),
-      "count": total,
-      "sample": jnp.where(take_new, drawn, stats["sample"]),
+    "absmax": jnp.maximum(stats["absmax"], jnp.max(jnp.abs(flat))),
+    "min": jnp.where(first, jnp.min(flat), jnp.minimum(stats["min"], jnp.min(flat))),
+    "max": jnp.where(first, jnp.max(flat), jnp.maximum(stats["max"], jnp.max(flat))),
+    "count": total,
+    "sample": jnp.where(take_new, drawn, stats["sample"]),
   }
 
 

@@ -41,12 +41,14 @@ PLATFORMS = ("cpu", "cuda", "tpu")
 PROGRAM = "serve.jaxexport"
 PARAMS = io.DEFAULT_FILENAME
 MANIFEST = "export.json"
-CALLING_CONVENTION = ("fn(variables, *inputs) -> outputs; "
-                      "variables = jaxquant.load(model.safetensors)")
+CALLING_CONVENTION = (
+  "fn(variables, *inputs) -> outputs; variables = jaxquant.load(model.safetensors)"
+)
 
 
-def symbolic_inputs(dims: str, dtypes: Sequence[Any],
-                    constraints: Sequence[str] = ()) -> list[jax.ShapeDtypeStruct]:  # fmt: skip
+def symbolic_inputs(
+  dims: str, dtypes: Sequence[Any], constraints: Sequence[str] = ()
+) -> list[jax.ShapeDtypeStruct]:
   """Inputs that share the symbolic shape `dims` (e.g. ``"b, t"``), one per dtype;
   `constraints` such as ``"t <= 512"`` bound the dimensions (see `jax.export`)."""
   shape = jax_export.symbolic_shape(dims, constraints=tuple(constraints))
@@ -57,8 +59,9 @@ def _abstract(tree):
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), tree)
 
 
-def lower(fn: Callable, variables, inputs: Sequence[Any],
-          platforms: Sequence[str] = PLATFORMS) -> jax_export.Exported:  # fmt: skip
+def lower(
+  fn: Callable, variables, inputs: Sequence[Any], platforms: Sequence[str] = PLATFORMS
+) -> jax_export.Exported:
   """`jax.export` of ``fn(variables, *inputs)`` for `platforms`, params as an argument.
 
   `inputs` are arrays or `jax.ShapeDtypeStruct`s (symbolic dims allowed); `fn` may already be
@@ -70,12 +73,15 @@ def lower(fn: Callable, variables, inputs: Sequence[Any],
 
 
 def _describe(x: jax.ShapeDtypeStruct) -> dict:
-  return {"shape": [d if isinstance(d, int) else str(d) for d in x.shape],
-          "dtype": np.dtype(x.dtype).name}  # fmt: skip
+  return {
+    "shape": [d if isinstance(d, int) else str(d) for d in x.shape],
+    "dtype": np.dtype(x.dtype).name,
+  }
 
 
-def save_exported(out: str | os.PathLike, exported: jax_export.Exported, variables,
-                  metadata: dict | None = None) -> Path:  # fmt: skip
+def save_exported(
+  out: str | os.PathLike, exported: jax_export.Exported, variables, metadata: dict | None = None
+) -> Path:
   """Writes the artifact folder `out` (see module doc); files appear only once all are written.
 
   The files are written to a temporary folder beside `out`, then moved in, the manifest last;
@@ -84,13 +90,19 @@ def save_exported(out: str | os.PathLike, exported: jax_export.Exported, variabl
   out = Path(out)
   out.parent.mkdir(parents=True, exist_ok=True)
   manifest = {
-      "format": "jaxquant-export", "format_version": 1, "jaxquant": __version__,
-      "jax": jax.__version__, "platforms": list(exported.platforms),
-      "calling_convention": CALLING_CONVENTION, "program": PROGRAM, "params": PARAMS,
-      "inputs": [_describe(x) for x in exported.in_avals[len(jax.tree.leaves(variables)):]],
-      "outputs": [_describe(x) for x in exported.out_avals],
-      "params_embedded": False, "metadata": metadata or {},
-  }  # fmt: skip
+    "format": "jaxquant-export",
+    "format_version": 1,
+    "jaxquant": __version__,
+    "jax": jax.__version__,
+    "platforms": list(exported.platforms),
+    "calling_convention": CALLING_CONVENTION,
+    "program": PROGRAM,
+    "params": PARAMS,
+    "inputs": [_describe(x) for x in exported.in_avals[len(jax.tree.leaves(variables)) :]],
+    "outputs": [_describe(x) for x in exported.out_avals],
+    "params_embedded": False,
+    "metadata": metadata or {},
+  }
   tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
   try:
     (tmp / PROGRAM).write_bytes(exported.serialize())
@@ -104,9 +116,14 @@ def save_exported(out: str | os.PathLike, exported: jax_export.Exported, variabl
   return out
 
 
-def export_serve(out: str | os.PathLike, fn: Callable, variables, inputs: Sequence[Any],
-                 platforms: Sequence[str] = PLATFORMS,
-                 metadata: dict | None = None) -> Path:  # fmt: skip
+def export_serve(
+  out: str | os.PathLike,
+  fn: Callable,
+  variables,
+  inputs: Sequence[Any],
+  platforms: Sequence[str] = PLATFORMS,
+  metadata: dict | None = None,
+) -> Path:
   """`lower` then `save_exported`: the artifact folder for ``fn(variables, *inputs)``."""
   return save_exported(out, lower(fn, variables, inputs, platforms), variables, metadata)
 
@@ -136,15 +153,15 @@ def load_exported(path: str | os.PathLike) -> Served:
   missing = [n for n in (PROGRAM, PARAMS, MANIFEST) if not (path / n).is_file()]
   if missing:
     raise FileNotFoundError(
-        f"{path}: not a jaxquant export (missing {', '.join(missing)}); write one with "
-        "`jaxquant export` or jaxquant.export.export_serve."
+      f"{path}: not a jaxquant export (missing {', '.join(missing)}); write one with "
+      "`jaxquant export` or jaxquant.export.export_serve."
     )
   manifest = json.loads((path / MANIFEST).read_text())
   exported = jax_export.deserialize(bytearray((path / PROGRAM).read_bytes()))
   variables = io.load(path / PARAMS)
   if jax.tree.structure(variables) != exported.in_tree.children()[0].children()[0]:
     raise ValueError(
-        f"{path}: {PARAMS} does not match the parameter tree the exported program expects; "
-        "re-export the model."
+      f"{path}: {PARAMS} does not match the parameter tree the exported program expects; "
+      "re-export the model."
     )
   return Served(exported, variables, manifest)

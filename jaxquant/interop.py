@@ -27,8 +27,8 @@ def read_tensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
   except safetensors.SafetensorError as e:
     raise ValueError(f"{path} is truncated or corrupt ({e}).") from None
   return {
-      name: np.frombuffer(bytes(t["data"]), SAFETENSORS_DTYPES[t["dtype"]]).reshape(t["shape"]).copy()
-      for name, t in raw
+    name: np.frombuffer(bytes(t["data"]), SAFETENSORS_DTYPES[t["dtype"]]).reshape(t["shape"]).copy()
+    for name, t in raw
   }
 
 
@@ -69,6 +69,6 @@ def load_safetensors_params(path: str | os.PathLike, layout: str = "flax") -> di
     for p in parts[:-1]:
       node = node.setdefault(p, {})
       if not isinstance(node, dict):
-        raise ValueError(f"{path}: tensor {name!r} nests under another tensor's name.")  # noqa: TRY004
+        raise ValueError(f"{path}: tensor {name!r} nests under another tensor's name.")
     node[parts[-1]] = value
   return tree

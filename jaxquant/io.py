@@ -33,11 +33,22 @@ DEFAULT_FILENAME = "model.safetensors"
 
 #: safetensors dtype names and the NumPy dtypes they hold.
 SAFETENSORS_DTYPES = {
-    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
-    "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2,
-    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8,
-    "U64": np.uint64, "U32": np.uint32, "U16": np.uint16, "U8": np.uint8, "BOOL": np.bool_,
-}  # fmt: skip
+  "F64": np.float64,
+  "F32": np.float32,
+  "F16": np.float16,
+  "BF16": ml_dtypes.bfloat16,
+  "F8_E4M3": ml_dtypes.float8_e4m3fn,
+  "F8_E5M2": ml_dtypes.float8_e5m2,
+  "I64": np.int64,
+  "I32": np.int32,
+  "I16": np.int16,
+  "I8": np.int8,
+  "U64": np.uint64,
+  "U32": np.uint32,
+  "U16": np.uint16,
+  "U8": np.uint8,
+  "BOOL": np.bool_,
+}
 _STORABLE = frozenset(np.dtype(d) for d in SAFETENSORS_DTYPES.values())
 _CHILDREN = ("values", "scale", "zero_point")
 
@@ -67,13 +78,13 @@ def _flat_leaves(tree) -> list[tuple[list, Any]]:
 def _as_numpy(x, path: str) -> np.ndarray:
   try:
     arr = np.asarray(jax.device_get(x))
-  except Exception as e:  # noqa: BLE001
+  except Exception as e:
     raise TypeError(f"{path}: cannot store a {type(x).__name__} in a checkpoint ({e}).") from None
   if arr.dtype not in _STORABLE:
     what = type(x).__name__ if arr.dtype == object or arr.dtype.kind in "US" else arr.dtype
     raise TypeError(
-        f"{path}: cannot store a {what} in a checkpoint; leaves must be numeric arrays or "
-        "QArrays. Remove it from the tree (or convert it) before saving."
+      f"{path}: cannot store a {what} in a checkpoint; leaves must be numeric arrays or "
+      "QArrays. Remove it from the tree (or convert it) before saving."
     )
   return np.ascontiguousarray(arr)
 
@@ -93,10 +104,15 @@ def save(path: str | os.PathLike, tree) -> Path:
       raise ValueError(f"{name}: two leaves share this path; rename one before saving.")
     if isinstance(leaf, QArray):
       entry = {
-          "name": name, "keys": keys, "kind": "qarray", "spec": str(leaf.spec),
-          "shape": list(leaf.shape), "dtype": np.dtype(leaf.dtype).name, "packed": leaf.packed,
-          "children": [],
-      }  # fmt: skip
+        "name": name,
+        "keys": keys,
+        "kind": "qarray",
+        "spec": str(leaf.spec),
+        "shape": list(leaf.shape),
+        "dtype": np.dtype(leaf.dtype).name,
+        "packed": leaf.packed,
+        "children": [],
+      }
       if leaf.perm is not None:
         entry["perm"] = list(leaf.perm)
       for child in _CHILDREN:
@@ -108,14 +124,19 @@ def save(path: str | os.PathLike, tree) -> Path:
       arrays[name] = _as_numpy(leaf, name)
       entry = {"name": name, "keys": keys, "kind": "array"}
     entries.append(entry)
-  header = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "version": __version__,
-            "leaves": entries}
+  header = {
+    "format": FORMAT_NAME,
+    "format_version": FORMAT_VERSION,
+    "version": __version__,
+    "leaves": entries,
+  }
   specs = {
-      k: TensorSpec(dtype=a.dtype.name, shape=a.shape, data_ptr=a.ctypes.data, data_len=a.nbytes)
-      for k, a in arrays.items()
+    k: TensorSpec(dtype=a.dtype.name, shape=a.shape, data_ptr=a.ctypes.data, data_len=a.nbytes)
+    for k, a in arrays.items()
   }
   return atomic_write(
-      target, lambda tmp: safetensors.serialize_file(specs, tmp, metadata={FORMAT_NAME: json.dumps(header)})
+    target,
+    lambda tmp: safetensors.serialize_file(specs, tmp, metadata={FORMAT_NAME: json.dumps(header)}),
   )
 
 
@@ -157,8 +178,8 @@ def read_header(path: str | os.PathLike) -> dict:
     size = os.fstat(f.fileno()).st_size
     if n > size - 8:
       raise ValueError(
-          f"{path} is truncated or not a safetensors file: its header claims {n} bytes but the "
-          f"file has {size}. Re-create it with jaxquant.save."
+        f"{path} is truncated or not a safetensors file: its header claims {n} bytes but the "
+        f"file has {size}. Re-create it with jaxquant.save."
       )
     try:
       return json.loads(f.read(n))
@@ -170,16 +191,16 @@ def _jaxquant_header(path: Path) -> dict:
   meta = read_header(path).get("__metadata__") or {}
   if FORMAT_NAME not in meta:
     raise ValueError(
-        f"{path} is a safetensors file but not a jaxquant checkpoint (no '{FORMAT_NAME}' "
-        "header). Read plain tensors with safetensors.numpy.load_file, or quantize it with "
-        f"`jaxquant quantize --model {path} ...`."
+      f"{path} is a safetensors file but not a jaxquant checkpoint (no '{FORMAT_NAME}' "
+      "header). Read plain tensors with safetensors.numpy.load_file, or quantize it with "
+      f"`jaxquant quantize --model {path} ...`."
     )
   header = json.loads(meta[FORMAT_NAME])
   if header.get("format_version", 0) > FORMAT_VERSION:
     raise ValueError(
-        f"{path} was written by jaxquant {header.get('version')} in checkpoint format "
-        f"{header['format_version']}; this jaxquant ({__version__}) reads format "
-        f"{FORMAT_VERSION}. Upgrade jaxquant."
+      f"{path} was written by jaxquant {header.get('version')} in checkpoint format "
+      f"{header['format_version']}; this jaxquant ({__version__}) reads format "
+      f"{FORMAT_VERSION}. Upgrade jaxquant."
     )
   return header
 
@@ -192,10 +213,12 @@ def load(path: str | os.PathLike):
   try:
     raw = dict(safetensors.deserialize(path.read_bytes()))
   except safetensors.SafetensorError as e:
-    raise ValueError(f"{path} is truncated or corrupt ({e}); re-create it with jaxquant.save.")
+    raise ValueError(
+      f"{path} is truncated or corrupt ({e}); re-create it with jaxquant.save."
+    ) from None
   tensors = {
-      name: np.frombuffer(bytes(t["data"]), SAFETENSORS_DTYPES[t["dtype"]]).reshape(t["shape"])
-      for name, t in raw.items()
+    name: np.frombuffer(bytes(t["data"]), SAFETENSORS_DTYPES[t["dtype"]]).reshape(t["shape"])
+    for name, t in raw.items()
   }
   leaves = []
   for entry in header["leaves"]:
@@ -207,7 +230,9 @@ def load(path: str | os.PathLike):
         children = {c: jnp.asarray(tensors[f"{name}#{c}"]) for c in entry["children"]}
         leaf = _qarray_from_entry(entry, children, path)
     except KeyError as e:
-      raise ValueError(f"{path}: tensor {e} listed in the header is missing; file is corrupt.")
+      raise ValueError(
+        f"{path}: tensor {e} listed in the header is missing; file is corrupt."
+      ) from None
     leaves.append((entry["keys"], leaf))
   return _unflatten(leaves)
 
@@ -216,18 +241,29 @@ def _qarray_from_entry(entry: dict, children: dict, path: Path) -> QArray:
   """The QArray a header entry describes, checked against the shape it records."""
   shape, perm = tuple(entry["shape"]), tuple(entry["perm"]) if entry.get("perm") else None
   packed = bool(entry["packed"])
-  stored = shape if perm is None else shape[: len(shape) - len(perm)] + tuple(
-      shape[len(shape) - len(perm) + a] for a in perm)  # fmt: skip
+  stored = (
+    shape
+    if perm is None
+    else shape[: len(shape) - len(perm)] + tuple(shape[len(shape) - len(perm) + a] for a in perm)
+  )
   pad = stored[-1] % 2 if packed and stored else 0
   try:
-    q = QArray(children.get("values"), children.get("scale"), children.get("zero_point"),
-               QuantSpec.parse(entry["spec"]), np.dtype(entry["dtype"]), packed, pad, perm)  # fmt: skip
+    q = QArray(
+      children.get("values"),
+      children.get("scale"),
+      children.get("zero_point"),
+      QuantSpec.parse(entry["spec"]),
+      np.dtype(entry["dtype"]),
+      packed,
+      pad,
+      perm,
+    )
   except (ValueError, TypeError) as e:
     raise ValueError(f"{path}: {entry['name']}: {e}; the file is corrupt.") from None
   if q.shape != shape:
     raise ValueError(
-        f"{path}: {entry['name']}: the header says shape {list(shape)} but the stored codes "
-        f"give {list(q.shape)}; the file is corrupt."
+      f"{path}: {entry['name']}: the header says shape {list(shape)} but the stored codes "
+      f"give {list(q.shape)}; the file is corrupt."
     )
   return q
 
@@ -241,8 +277,9 @@ def _unflatten(leaves: list[tuple[list, Any]]):
     for _, k in keys[:-1]:
       node = node.setdefault(k, {})
     node[keys[-1][1]] = leaf
-  seq_paths = {tuple(k[1] for k in keys[:i]) for keys, _ in leaves
-               for i, k in enumerate(keys) if k[0] == "seq"}
+  seq_paths = {
+    tuple(k[1] for k in keys[:i]) for keys, _ in leaves for i, k in enumerate(keys) if k[0] == "seq"
+  }
   return _lists_where_saved(root, (), seq_paths)
 
 

@@ -41,8 +41,11 @@ CANDIDATES: dict[int, str] = {4: "int4:g128:asym", 8: "int8", 16: "bf16"}
 # 4-bit choices clip each group's range by least squared error (GPTQ's "mse" grid); scales are
 # stored as float16, as GPTQ/AWQ checkpoints keep them.
 CHOICES: tuple[str, ...] = (
-    "int4:g128:asym:mse:scale=f16", "int4:g64:asym:mse:scale=f16", "int4:g32:asym:mse:scale=f16",
-    "int8:scale=f16", "bf16",
+  "int4:g128:asym:mse:scale=f16",
+  "int4:g64:asym:mse:scale=f16",
+  "int4:g32:asym:mse:scale=f16",
+  "int8:scale=f16",
+  "bf16",
 )
 
 
@@ -59,11 +62,11 @@ def stored_bits(spec: str | QuantSpec, shape) -> int:
 
 
 def allocate(
-    sizes: Mapping[str, int],
-    errors: Mapping[str, Mapping],
-    avg_bits: float,
-    costs: Mapping[str, Mapping] | None = None,
-    resolution: int = 1 << 14,
+  sizes: Mapping[str, int],
+  errors: Mapping[str, Mapping],
+  avg_bits: float,
+  costs: Mapping[str, Mapping] | None = None,
+  resolution: int = 1 << 14,
 ):
   """The choice per layer minimising ``Σ_l e_l(c_l)`` with ``Σ_l cost_l(c_l) ≤ avg_bits Σ n_l``.
 
@@ -79,11 +82,12 @@ def allocate(
   cheapest = sum(min(costs[p].values()) for p in paths)
   if cheapest > budget * (1 + 1e-9):
     raise ValueError(
-        f"avg_bits={avg_bits} is below the cheapest choice per layer "
-        f"({cheapest / sum(sizes.values()):.4g} bits on average)."
+      f"avg_bits={avg_bits} is below the cheapest choice per layer "
+      f"({cheapest / sum(sizes.values()):.4g} bits on average)."
     )
-  unit = float(math.gcd(*(int(c) for cs in costs.values() for c in cs.values()
-                          if float(c).is_integer())) or 1)  # fmt: skip
+  unit = float(
+    math.gcd(*(int(c) for cs in costs.values() for c in cs.values() if float(c).is_integer())) or 1
+  )
   exact = all(float(c).is_integer() for cs in costs.values() for c in cs.values())
   if not exact or budget / unit > resolution:
     unit = budget / resolution
@@ -114,14 +118,15 @@ def allocate(
 
 
 def mixed_rules(
-    bits: Mapping[str, int],
-    candidates: Mapping[int, str] = CANDIDATES,
-    base: Sequence[Rule] = (),
+  bits: Mapping[str, int],
+  candidates: Mapping[int, str] = CANDIDATES,
+  base: Sequence[Rule] = (),
 ) -> list[Rule]:
   """One exact-path rule per allocated layer (in front of `base`), editable and saveable.
   A choice is a width looked up in `candidates` or a spec string."""
-  rules = [Rule(f"^{re.escape(p)}$", candidates[b] if isinstance(b, int) else b)
-           for p, b in bits.items()]  # fmt: skip
+  rules = [
+    Rule(f"^{re.escape(p)}$", candidates[b] if isinstance(b, int) else b) for p, b in bits.items()
+  ]
   return rules + list(base)
 
 
@@ -132,18 +137,20 @@ def average_bits(bits: Mapping[str, int], sizes: Mapping[str, int]) -> float:
 
 
 def choose_widths(
-    params_leaves: Mapping[str, np.ndarray],
-    hessians: Mapping[str, dict],
-    avg_bits: float,
-    candidates: Mapping[int, str] = CANDIDATES,
+  params_leaves: Mapping[str, np.ndarray],
+  hessians: Mapping[str, dict],
+  avg_bits: float,
+  candidates: Mapping[int, str] = CANDIDATES,
 ) -> tuple[dict[str, int], dict[str, dict[int, float]]]:
   """``(bits per path, errors per path and width)`` for the layers in `hessians`."""
   specs = {b: as_spec(s) for b, s in candidates.items()}
   errors = {
-      p: {b: sensitivity(params_leaves[p], np.asarray(acc["h"]), float(acc["n"]), spec)
-          for b, spec in specs.items()}
-      for p, acc in hessians.items()
-  }  # fmt: skip
+    p: {
+      b: sensitivity(params_leaves[p], np.asarray(acc["h"]), float(acc["n"]), spec)
+      for b, spec in specs.items()
+    }
+    for p, acc in hessians.items()
+  }
   sizes = {p: int(np.prod(np.shape(params_leaves[p]))) for p in hessians}
   return allocate(sizes, errors, avg_bits), errors
 
@@ -167,8 +174,9 @@ def output_errors(model, params, trials, batches, output_fn=None) -> dict:
   for key, (path, w) in trials.items():
     w = jnp.asarray(w)
     trial = map_leaves(lambda p, v, w=w, path=path: w if p == path else v, params)
-    out[key] = float(np.mean([float(jnp.mean((apply(trial, *b) - r) ** 2))
-                              for b, r in zip(batches, references)]))  # fmt: skip
+    out[key] = float(
+      np.mean([float(jnp.mean((apply(trial, *b) - r) ** 2)) for b, r in zip(batches, references)])
+    )
   return out
 
 
@@ -209,37 +217,46 @@ class Mixed:
     object.__setattr__(self, "avg_bits", float(self.avg_bits))
     object.__setattr__(self, "choices", tuple(self.choices))
 
-  def __call__(self, params, plan: Plan, data: CalibrationSet,
-               quantizer: Any) -> tuple[list[Rule], dict]:  # fmt: skip
+  def __call__(
+    self, params, plan: Plan, data: CalibrationSet, quantizer: Any
+  ) -> tuple[list[Rule], dict]:
     return choose_rules(params, plan, data, self, quantizer)
 
 
-def choose_rules(params, plan: Plan, data: CalibrationSet, step: Mixed,
-                 quantizer: Any) -> tuple[list[Rule], dict]:  # fmt: skip
+def choose_rules(
+  params, plan: Plan, data: CalibrationSet, step: Mixed, quantizer: Any
+) -> tuple[list[Rule], dict]:
   """Rules with a format per layer from ``step.choices``, in front of the plan's rules; and
   ``{"specs", "bits", "average_bits" (stored), "nominal_bits", "errors"}``."""
   rules, choices = plan.rules, step.choices
   targets = [r.path for r in plan.quantized if len(r.shape) == 2 and r.batch_dims == 0]
   used = execution_order(data.model, params, rules, data.batches[0], targets)
-  hessians = capture(data.model, params, rules, data.batches, hessian_observer(used),
-                     data.row_mask)  # fmt: skip
+  hessians = capture(data.model, params, rules, data.batches, hessian_observer(used), data.row_mask)
   leaves = {p: np.asarray(v) for p, v in named_leaves(params)}
   h = {p: np.asarray(hessians[p]["h"]) for p in used}  # off the device once per layer
-  trials = {(p, c): (p, alone_weights(leaves[p], h[p], c, quantizer))
-            for p in used for c in choices}  # fmt: skip
+  trials = {
+    (p, c): (p, alone_weights(leaves[p], h[p], c, quantizer)) for p in used for c in choices
+  }
   if step.sensitivity == "output":
-    errors = output_errors(data.model, params, trials, data.batches[: step.sensitivity_batches],
-                           data.output_fn)  # fmt: skip
+    errors = output_errors(
+      data.model, params, trials, data.batches[: step.sensitivity_batches], data.output_fn
+    )
   else:
-    errors = {(p, c): float(np.sum((dw := leaves[p] - w) * (h[p] @ dw))
-                            / float(hessians[p]["n"])) for (p, c), (_, w) in trials.items()}  # fmt: skip
+    errors = {
+      (p, c): float(np.sum((dw := leaves[p] - w) * (h[p] @ dw)) / float(hessians[p]["n"]))
+      for (p, c), (_, w) in trials.items()
+    }
   sizes = {p: leaves[p].size for p in used}
   per_layer = {p: {c: errors[p, c] for c in choices} for p in used}
   costs = {p: {c: stored_bits(c, leaves[p].shape) for c in choices} for p in used}
   chosen = allocate(sizes, per_layer, step.avg_bits, costs)
   bits = {p: as_spec(c).bits for p, c in chosen.items()}
   stored = sum(costs[p][c] for p, c in chosen.items()) / sum(sizes.values())
-  info = {"specs": chosen, "bits": bits, "average_bits": stored,
-          "nominal_bits": average_bits(bits, sizes),
-          "errors": {p: {str(c): e for c, e in es.items()} for p, es in per_layer.items()}}  # fmt: skip
+  info = {
+    "specs": chosen,
+    "bits": bits,
+    "average_bits": stored,
+    "nominal_bits": average_bits(bits, sizes),
+    "errors": {p: {str(c): e for c, e in es.items()} for p, es in per_layer.items()},
+  }
   return mixed_rules(chosen, base=rules), info

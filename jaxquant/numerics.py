@@ -27,9 +27,23 @@ from jaxquant import calibration
 from jaxquant.qarray import QArray, codes, decode, dequantize, from_codes
 from jaxquant.spec import NF4_CODE, QuantSpec, SpecLike, as_spec, check_group_size
 
-__all__ = ["check_finite", "check_input", "codes", "compute_scale", "dequantize", "fake_quant",
-           "fake_quant_along", "find_range", "grouped_view", "quantization_error", "quantize",
-           "quantize_along", "scale_from_range", "static_act_scale", "stored_scale"]
+__all__ = [
+  "check_finite",
+  "check_input",
+  "codes",
+  "compute_scale",
+  "dequantize",
+  "fake_quant",
+  "fake_quant_along",
+  "find_range",
+  "grouped_view",
+  "quantization_error",
+  "quantize",
+  "quantize_along",
+  "scale_from_range",
+  "static_act_scale",
+  "stored_scale",
+]
 
 _TINY = float(np.finfo(np.float32).tiny)
 _NF4_MIDPOINTS = (NF4_CODE[1:] + NF4_CODE[:-1]) / 2
@@ -42,9 +56,9 @@ def check_input(x, path: str = "x") -> None:
   if not jnp.issubdtype(dtype, jnp.floating):
     kind = "complex" if jnp.issubdtype(dtype, jnp.complexfloating) else dtype.name
     raise TypeError(
-        f"{path}: cannot quantize a {kind} array (dtype {dtype.name}); quantization maps real "
-        "floating values to a grid. Cast it to float32 first, or exclude it with a rule whose "
-        "weight spec is None."
+      f"{path}: cannot quantize a {kind} array (dtype {dtype.name}); quantization maps real "
+      "floating values to a grid. Cast it to float32 first, or exclude it with a rule whose "
+      "weight spec is None."
     )
 
 
@@ -56,9 +70,9 @@ def check_finite(x, path: str = "x") -> None:
   n_nan, n_inf = int(np.isnan(arr).sum()), int(np.isinf(arr).sum())
   if n_nan or n_inf:
     raise ValueError(
-        f"{path}: contains {n_nan} NaN and {n_inf} Inf values; quantizing it would spread them "
-        "over its whole scale group. Repair the tensor, or exclude this path with a rule "
-        "whose weight spec is None."
+      f"{path}: contains {n_nan} NaN and {n_inf} Inf values; quantizing it would spread them "
+      "over its whole scale group. Repair the tensor, or exclude this path with a rule "
+      "whose weight spec is None."
     )
 
 
@@ -87,9 +101,7 @@ def find_range(xv: jax.Array, axes: tuple[int, ...], spec: QuantSpec):
   if spec.calibration == "percentile":
     return calibration.percentile_range(xv, axes, spec.percentile, spec.symmetric)
   full = (
-      calibration.minmax_range(xv, axes)
-      if not spec.symmetric
-      else calibration.absmax_range(xv, axes)
+    calibration.minmax_range(xv, axes) if not spec.symmetric else calibration.absmax_range(xv, axes)
   )
   if spec.calibration == "mse":
     return calibration.mse_range(xv, axes, full, functools.partial(_qdq_range, spec=spec))
@@ -125,8 +137,7 @@ def scale_from_range(lo: jax.Array, hi: jax.Array, spec: QuantSpec):
     return stored_scale(jnp.where(scale >= _TINY, scale, 1.0), spec), None
   scale = (hi - lo) * (1.0 / (info.qmax - info.qmin))
   scale = stored_scale(jnp.where(scale >= _TINY, scale, 1.0), spec)
-  zero_point = jnp.clip(info.qmin - jnp.round(lo / scale.astype(jnp.float32)), info.qmin,
-                        info.qmax)
+  zero_point = jnp.clip(info.qmin - jnp.round(lo / scale.astype(jnp.float32)), info.qmin, info.qmax)
   return scale, zero_point.astype(info.storage)
 
 
@@ -179,7 +190,7 @@ def _noise(key, shape, spec: QuantSpec):
     return None
   if key is None:
     raise ValueError(
-        f"Spec {spec} rounds stochastically and needs a PRNG key: pass key=jax.random.key(...)."
+      f"Spec {spec} rounds stochastically and needs a PRNG key: pass key=jax.random.key(...)."
     )
   return jax.random.uniform(key, shape, jnp.float32)
 
@@ -194,15 +205,15 @@ def _given_or_computed(xv, axes, spec, scale, zero_point):
 
 
 def quantize(
-    x: jax.Array,
-    spec: SpecLike,
-    *,
-    key: jax.Array | None = None,
-    scale: jax.Array | None = None,
-    zero_point: jax.Array | None = None,
-    pack: bool = True,
-    path: str = "x",
-    batch_dims: int = 0,
+  x: jax.Array,
+  spec: SpecLike,
+  *,
+  key: jax.Array | None = None,
+  scale: jax.Array | None = None,
+  zero_point: jax.Array | None = None,
+  pack: bool = True,
+  path: str = "x",
+  batch_dims: int = 0,
 ) -> QArray:
   """Quantizes `x` to a `QArray` (steps 1–4).
 
@@ -222,8 +233,9 @@ def quantize(
   x = jnp.asarray(x)
   check_finite(x, path)
   if batch_dims:
-    one = lambda xi, ki, si, zi: quantize(xi, spec, key=ki, scale=si, zero_point=zi, pack=pack,
-                                          path=path, batch_dims=batch_dims - 1)  # fmt: skip
+    one = lambda xi, ki, si, zi: quantize(
+      xi, spec, key=ki, scale=si, zero_point=zi, pack=pack, path=path, batch_dims=batch_dims - 1
+    )
     return jax.vmap(one)(x, _split_key(key, x.shape[0]), scale, zero_point)
   check_group_size(spec, x.shape, path)
   dtype = np.dtype(x.dtype)
@@ -274,19 +286,19 @@ def _ste_cast(x, dtype_probe):
 
 
 _ste_cast.defvjp(
-    lambda x, probe: (_ste_cast(x, probe), probe),
-    lambda probe, g: (g, jnp.zeros_like(probe)),
+  lambda x, probe: (_ste_cast(x, probe), probe),
+  lambda probe, g: (g, jnp.zeros_like(probe)),
 )
 
 
 def fake_quant(
-    x: jax.Array,
-    spec: SpecLike,
-    *,
-    key: jax.Array | None = None,
-    scale: jax.Array | None = None,
-    zero_point: jax.Array | None = None,
-    batch_dims: int = 0,
+  x: jax.Array,
+  spec: SpecLike,
+  *,
+  key: jax.Array | None = None,
+  scale: jax.Array | None = None,
+  zero_point: jax.Array | None = None,
+  batch_dims: int = 0,
 ) -> jax.Array:
   """``dequantize(quantize(x))`` in `x`'s dtype, with a straight-through gradient.
 
@@ -298,15 +310,14 @@ def fake_quant(
   spec = as_spec(spec)
   check_input(x)
   if batch_dims:
-    one = lambda xi, ki, si, zi: fake_quant(xi, spec, key=ki, scale=si, zero_point=zi,
-                                            batch_dims=batch_dims - 1)  # fmt: skip
+    one = lambda xi, ki, si, zi: fake_quant(
+      xi, spec, key=ki, scale=si, zero_point=zi, batch_dims=batch_dims - 1
+    )
     return jax.vmap(one)(x, _split_key(key, x.shape[0]), scale, zero_point)
   if spec.is_cast:
     return _ste_cast(x, jnp.zeros((), spec.info.storage))
   xv, axes = grouped_view(jnp.asarray(x).astype(jnp.float32), spec)
-  scale, zero_point = jax.lax.stop_gradient(
-      _given_or_computed(xv, axes, spec, scale, zero_point)
-  )
+  scale, zero_point = jax.lax.stop_gradient(_given_or_computed(xv, axes, spec, scale, zero_point))
   out = _ste_qdq(spec, xv, scale, zero_point, _noise(key, xv.shape, spec))
   return out.reshape(x.shape).astype(x.dtype)
 
@@ -323,12 +334,12 @@ def quantization_error(x: jax.Array, q: QArray) -> dict[str, float]:
 
 # --------------------------------------------------------------------------- explicit axes
 def quantize_along(
-    x: jax.Array,
-    spec: SpecLike,
-    axes: tuple[int, ...],
-    *,
-    scale: jax.Array | None = None,
-    zero_point: jax.Array | None = None,
+  x: jax.Array,
+  spec: SpecLike,
+  axes: tuple[int, ...],
+  *,
+  scale: jax.Array | None = None,
+  zero_point: jax.Array | None = None,
 ):
   """``(codes, scale, zero_point)`` with one scale per slice over `axes` (keepdims).
 
@@ -342,18 +353,18 @@ def quantize_along(
 
 
 def fake_quant_along(
-    x: jax.Array,
-    spec: SpecLike,
-    axes: tuple[int, ...],
-    *,
-    scale: jax.Array | None = None,
-    zero_point: jax.Array | None = None,
+  x: jax.Array,
+  spec: SpecLike,
+  axes: tuple[int, ...],
+  *,
+  scale: jax.Array | None = None,
+  zero_point: jax.Array | None = None,
 ) -> jax.Array:
   """`fake_quant` with one scale per slice over `axes`; straight-through gradient."""
   spec = as_spec(spec)
   xf = jnp.asarray(x).astype(jnp.float32)
   scale, zero_point = jax.lax.stop_gradient(
-      _given_or_computed(xf, tuple(axes), spec, scale, zero_point)
+    _given_or_computed(xf, tuple(axes), spec, scale, zero_point)
   )
   return _ste_qdq(spec, xf, scale, zero_point, None).astype(x.dtype)
 
@@ -363,4 +374,3 @@ def static_act_scale(stats: dict, spec: SpecLike):
   spec = as_spec(spec)
   lo, hi = calibration.act_range(stats, spec, functools.partial(_qdq_range, spec=spec))
   return scale_from_range(lo, hi, spec)
-

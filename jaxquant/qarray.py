@@ -62,7 +62,7 @@ class QArray:
     if self.perm is not None:
       object.__setattr__(self, "perm", _trailing_perm(self.perm))
     if _is_array_like(self.values) and all(
-        c is None or _is_array_like(c) for c in (self.scale, self.zero_point)
+      c is None or _is_array_like(c) for c in (self.scale, self.zero_point)
     ):
       validate(self)
 
@@ -106,9 +106,9 @@ class QArray:
   def nbytes(self) -> int:
     """Bytes held by values, scale and zero point together."""
     return sum(
-        math.prod(a.shape) * np.dtype(a.dtype).itemsize
-        for a in (self.values, self.scale, self.zero_point)
-        if a is not None
+      math.prod(a.shape) * np.dtype(a.dtype).itemsize
+      for a in (self.values, self.scale, self.zero_point)
+      if a is not None
     )
 
   def __getitem__(self, key):
@@ -116,8 +116,8 @@ class QArray:
     if key is Ellipsis:
       return self
     raise TypeError(
-        "QArray supports only q[...]; dequantize it first to index (jaxquant.dequantize(q)), "
-        "or slice every child alike: jax.tree.map(lambda a: a[i], q)."
+      "QArray supports only q[...]; dequantize it first to index (jaxquant.dequantize(q)), "
+      "or slice every child alike: jax.tree.map(lambda a: a[i], q)."
     )
 
   def dequantize(self, dtype=None) -> jax.Array:
@@ -129,16 +129,16 @@ class QArray:
     except (AttributeError, TypeError):
       shape = "?"
     return (
-        f"QArray(spec='{self.spec}', shape={shape}, dtype={self.dtype.name}, "
-        f"values={getattr(self.values, 'dtype', '?')}{list(getattr(self.values, 'shape', []))}"
-        f"{', packed' if self.packed else ''}{f', perm={self.perm}' if self.perm else ''})"
+      f"QArray(spec='{self.spec}', shape={shape}, dtype={self.dtype.name}, "
+      f"values={getattr(self.values, 'dtype', '?')}{list(getattr(self.values, 'shape', []))}"
+      f"{', packed' if self.packed else ''}{f', perm={self.perm}' if self.perm else ''})"
     )
 
 
 jax.tree_util.register_dataclass(
-    QArray,
-    data_fields=["values", "scale", "zero_point"],
-    meta_fields=["spec", "dtype", "packed", "pad", "perm"],
+  QArray,
+  data_fields=["values", "scale", "zero_point"],
+  meta_fields=["spec", "dtype", "packed", "pad", "perm"],
 )
 
 
@@ -177,8 +177,8 @@ def validate(q: QArray) -> None:
   want = np.dtype(np.uint8) if q.packed else info.storage
   if np.dtype(q.values.dtype) != want:
     raise ValueError(f"{where}: values are {np.dtype(q.values.dtype).name}, expected {want.name}.")
-  if q.perm is not None and sorted(q.perm) != list(range(len(q.perm))) or (
-      q.perm is not None and len(q.perm) > q.ndim
+  if (q.perm is not None and sorted(q.perm) != list(range(len(q.perm)))) or (
+    q.perm is not None and len(q.perm) > q.ndim
   ):
     raise ValueError(f"{where}: perm {q.perm} is not a permutation of trailing axes.")
   if spec.is_cast:
@@ -197,18 +197,19 @@ def validate(q: QArray) -> None:
   scale_shape = tuple(q.scale.shape)
   if len(scale_shape) != len(view) or any(s not in (1, v) for s, v in zip(scale_shape, view)):
     raise ValueError(
-        f"{where}: scale shape {scale_shape} does not broadcast against the codes "
-        f"{'grouped ' if view != q.shape else ''}shape {view}."
+      f"{where}: scale shape {scale_shape} does not broadcast against the codes "
+      f"{'grouped ' if view != q.shape else ''}shape {view}."
     )
   if q.zero_point is not None and tuple(q.zero_point.shape) != scale_shape:
     raise ValueError(
-        f"{where}: zero point shape {tuple(q.zero_point.shape)} differs from the scale's "
-        f"{scale_shape}."
+      f"{where}: zero point shape {tuple(q.zero_point.shape)} differs from the scale's "
+      f"{scale_shape}."
     )
 
 
-def from_codes(codes: jax.Array, scale, zero_point, spec: QuantSpec, dtype,
-               pack: bool = True) -> QArray:  # fmt: skip
+def from_codes(
+  codes: jax.Array, scale, zero_point, spec: QuantSpec, dtype, pack: bool = True
+) -> QArray:
   """A QArray from unpacked codes in logical order (packed two a byte when 4-bit and `pack`)."""
   if not (pack and spec.info.packed and codes.ndim):
     return QArray(codes, scale, zero_point, spec, dtype)
@@ -253,24 +254,34 @@ def dequantize(q: QArray, dtype=None) -> jax.Array:
 # --------------------------------------------------------------------------- export
 def _serialize_meta(meta) -> bytes:
   spec, dtype, packed, pad, perm = meta
-  fields = {"spec": str(spec), "dtype": np.dtype(dtype).name, "packed": packed, "pad": pad,
-            "perm": None if perm is None else list(perm)}  # fmt: skip
+  fields = {
+    "spec": str(spec),
+    "dtype": np.dtype(dtype).name,
+    "packed": packed,
+    "pad": pad,
+    "perm": None if perm is None else list(perm),
+  }
   return json.dumps(fields).encode()
 
 
 def _deserialize_meta(data: bytes):
   fields = json.loads(data)
   perm = None if fields["perm"] is None else tuple(fields["perm"])
-  return (QuantSpec.parse(fields["spec"]), np.dtype(fields["dtype"]), bool(fields["packed"]),
-          int(fields["pad"]), perm)  # fmt: skip
+  return (
+    QuantSpec.parse(fields["spec"]),
+    np.dtype(fields["dtype"]),
+    bool(fields["packed"]),
+    int(fields["pad"]),
+    perm,
+  )
 
 
 # Lets `jax.export` serialize functions that take or return QArrays.
 jax.export.register_pytree_node_serialization(
-    QArray,
-    serialized_name="jaxquant.QArray",
-    serialize_auxdata=_serialize_meta,
-    deserialize_auxdata=_deserialize_meta,
+  QArray,
+  serialized_name="jaxquant.QArray",
+  serialize_auxdata=_serialize_meta,
+  deserialize_auxdata=_deserialize_meta,
 )
 
 
@@ -308,8 +319,8 @@ def qarray_sharding(q: QArray, sharding: NamedSharding) -> QArray:
     lead = ndim - len(q.perm)
     stored = logical[:lead] + tuple(logical[lead + a] for a in q.perm)
   return dataclasses.replace(
-      q,
-      values=for_child(q.values, stored),
-      scale=for_child(q.scale, view),
-      zero_point=for_child(q.zero_point, view),
+    q,
+    values=for_child(q.values, stored),
+    scale=for_child(q.scale, view),
+    zero_point=for_child(q.zero_point, view),
   )

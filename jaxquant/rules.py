@@ -40,13 +40,13 @@ class Rule:
       re.compile(self.pattern)
     except re.error as e:
       raise ValueError(
-          f"Rule pattern {self.pattern!r} is not a valid regular expression ({e}); "
-          "escape literal characters with re.escape."
+        f"Rule pattern {self.pattern!r} is not a valid regular expression ({e}); "
+        "escape literal characters with re.escape."
       ) from None
     if not isinstance(self.batch_dims, int) or self.batch_dims < 0:
       raise ValueError(
-          f"Rule {self.pattern!r}: batch_dims must be a non-negative int (the leading axes "
-          f"that index stacked layers), got {self.batch_dims!r}."
+        f"Rule {self.pattern!r}: batch_dims must be a non-negative int (the leading axes "
+        f"that index stacked layers), got {self.batch_dims!r}."
       )
     object.__setattr__(self, "weight", _spec_for(self.weight, self.pattern, "weight"))
     object.__setattr__(self, "act", _spec_for(self.act, self.pattern, "act"))
@@ -56,9 +56,9 @@ class Rule:
 
   def to_dict(self) -> dict:
     out = {
-        "pattern": self.pattern,
-        "weight": None if self.weight is None else str(self.weight),
-        "act": None if self.act is None else str(self.act),
+      "pattern": self.pattern,
+      "weight": None if self.weight is None else str(self.weight),
+      "act": None if self.act is None else str(self.act),
     }
     if not self.expect_match:
       out["expect_match"] = False
@@ -75,14 +75,14 @@ def _spec_for(spec: SpecLike | None, pattern: str, which: str) -> QuantSpec | No
 
 
 def default_rules(
-    weight: SpecLike = "int8",
-    act: SpecLike | None = None,
-    embeddings: SpecLike | None = None,
+  weight: SpecLike = "int8",
+  act: SpecLike | None = None,
+  embeddings: SpecLike | None = None,
 ) -> list[Rule]:
   """Quantize every kernel with `weight`; embedding tables with `embeddings` (None: keep)."""
   return [
-      Rule(r"(^|/)[^/]*embed[^/]*(/|$)", weight=embeddings, expect_match=False),
-      Rule(".*", weight, act),
+    Rule(r"(^|/)[^/]*embed[^/]*(/|$)", weight=embeddings, expect_match=False),
+    Rule(".*", weight, act),
   ]
 
 

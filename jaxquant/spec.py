@@ -82,21 +82,17 @@ def _nf4_code() -> np.ndarray:
 NF4_CODE = _nf4_code()
 
 FORMATS: dict[str, FormatInfo] = {
-    f.name: f
-    for f in (
-        FormatInfo("int8", 8, "int", -128, 127, np.dtype(np.int8)),
-        FormatInfo("uint8", 8, "int", 0, 255, np.dtype(np.uint8), signed=False),
-        FormatInfo("int4", 4, "int", -8, 7, np.dtype(np.int8)),
-        FormatInfo("uint4", 4, "int", 0, 15, np.dtype(np.uint8), signed=False),
-        FormatInfo(
-            "fp8_e4m3", 8, "float", -448.0, 448.0, np.dtype(ml_dtypes.float8_e4m3fn)
-        ),
-        FormatInfo(
-            "fp8_e5m2", 8, "float", -57344.0, 57344.0, np.dtype(ml_dtypes.float8_e5m2)
-        ),
-        FormatInfo("nf4", 4, "codebook", 0, 15, np.dtype(np.uint8), signed=False),
-        FormatInfo("bf16", 16, "cast", -3.39e38, 3.39e38, np.dtype(ml_dtypes.bfloat16)),
-    )
+  f.name: f
+  for f in (
+    FormatInfo("int8", 8, "int", -128, 127, np.dtype(np.int8)),
+    FormatInfo("uint8", 8, "int", 0, 255, np.dtype(np.uint8), signed=False),
+    FormatInfo("int4", 4, "int", -8, 7, np.dtype(np.int8)),
+    FormatInfo("uint4", 4, "int", 0, 15, np.dtype(np.uint8), signed=False),
+    FormatInfo("fp8_e4m3", 8, "float", -448.0, 448.0, np.dtype(ml_dtypes.float8_e4m3fn)),
+    FormatInfo("fp8_e5m2", 8, "float", -57344.0, 57344.0, np.dtype(ml_dtypes.float8_e5m2)),
+    FormatInfo("nf4", 4, "codebook", 0, 15, np.dtype(np.uint8), signed=False),
+    FormatInfo("bf16", 16, "cast", -3.39e38, 3.39e38, np.dtype(ml_dtypes.bfloat16)),
+  )
 }
 
 GRANULARITIES = ("tensor", "channel", "token", "group")
@@ -105,16 +101,17 @@ ROUNDINGS = ("nearest", "stochastic")
 # Dtypes a scale can be stored in: float32 by default; float16 as GPTQ/AWQ checkpoints keep it
 # (half the overhead: 0.1875 instead of 0.3125 bits a weight for int4 g128 with zero points).
 SCALE_DTYPES: dict[str, np.dtype] = {
-    "f32": np.dtype(np.float32), "f16": np.dtype(np.float16),
-    "bf16": np.dtype(ml_dtypes.bfloat16),
-}  # fmt: skip
+  "f32": np.dtype(np.float32),
+  "f16": np.dtype(np.float16),
+  "bf16": np.dtype(ml_dtypes.bfloat16),
+}
 
 _GRAMMAR = (
-    "FORMAT[:GRANULARITY][:asym][:CALIBRATION][:stochastic][:scale=DTYPE], e.g. 'int8', "
-    "'int8:token', 'int4:g128:asym', 'int4:g128:asym:scale=f16', 'nf4:g64', "
-    f"'fp8_e4m3:tensor'; FORMAT is one of {', '.join(FORMATS)}; GRANULARITY is tensor, "
-    "channel, token or gN (optionally @AXIS); CALIBRATION is absmax, minmax, pN (percentile) "
-    f"or mse; DTYPE (of the stored scales) is {', '.join(SCALE_DTYPES)}"
+  "FORMAT[:GRANULARITY][:asym][:CALIBRATION][:stochastic][:scale=DTYPE], e.g. 'int8', "
+  "'int8:token', 'int4:g128:asym', 'int4:g128:asym:scale=f16', 'nf4:g64', "
+  f"'fp8_e4m3:tensor'; FORMAT is one of {', '.join(FORMATS)}; GRANULARITY is tensor, "
+  "channel, token or gN (optionally @AXIS); CALIBRATION is absmax, minmax, pN (percentile) "
+  f"or mse; DTYPE (of the stored scales) is {', '.join(SCALE_DTYPES)}"
 )
 
 
@@ -157,22 +154,22 @@ class QuantSpec:
   def __post_init__(self):
     if self.format not in FORMATS:
       raise ValueError(
-          f"Unknown quantization format {self.format!r}; use one of {', '.join(FORMATS)}."
+        f"Unknown quantization format {self.format!r}; use one of {', '.join(FORMATS)}."
       )
     if self.granularity not in GRANULARITIES:
       raise ValueError(
-          f"Unknown granularity {self.granularity!r}; use one of {', '.join(GRANULARITIES)}."
+        f"Unknown granularity {self.granularity!r}; use one of {', '.join(GRANULARITIES)}."
       )
     if self.granularity == "group":
       if not isinstance(self.group_size, int) or self.group_size < 1:
         raise ValueError(
-            f"Group granularity needs a positive integer group_size, got {self.group_size!r}"
-            " (in a spec string write it as gN, e.g. 'int4:g128')."
+          f"Group granularity needs a positive integer group_size, got {self.group_size!r}"
+          " (in a spec string write it as gN, e.g. 'int4:g128')."
         )
     elif self.group_size is not None:
       raise ValueError(
-          f"group_size={self.group_size} only applies to granularity='group', "
-          f"not {self.granularity!r}."
+        f"group_size={self.group_size} only applies to granularity='group', "
+        f"not {self.granularity!r}."
       )
     if self.axis is not None and not isinstance(self.axis, int):
       raise TypeError(f"axis must be an int or None, got {self.axis!r}.")
@@ -181,23 +178,23 @@ class QuantSpec:
       object.__setattr__(self, "symmetric", info.default_symmetric)
     if self.symmetric and not info.signed and info.kind == "int":
       raise ValueError(
-          f"{self.format} is unsigned and so needs a zero point; use symmetric=False "
-          f"(':asym'), or the signed format {self.format[1:]!r} for a symmetric grid."
+        f"{self.format} is unsigned and so needs a zero point; use symmetric=False "
+        f"(':asym'), or the signed format {self.format[1:]!r} for a symmetric grid."
       )
     if not self.symmetric and info.kind in ("float", "codebook"):
       raise ValueError(
-          f"{self.format} is symmetric by construction; drop ':asym' (or use an integer "
-          "format such as 'uint4' for a zero point)."
+        f"{self.format} is symmetric by construction; drop ':asym' (or use an integer "
+        "format such as 'uint4' for a zero point)."
       )
     if self.calibration not in CALIBRATIONS:
       raise ValueError(
-          f"Unknown calibration {self.calibration!r}; use one of {', '.join(CALIBRATIONS)}."
+        f"Unknown calibration {self.calibration!r}; use one of {', '.join(CALIBRATIONS)}."
       )
     if self.calibration == "percentile":
       if self.percentile is None or not (0.0 < float(self.percentile) <= 100.0):
         raise ValueError(
-            f"Percentile calibration needs 0 < percentile <= 100, got {self.percentile!r} "
-            "(in a spec string write e.g. 'p99.9')."
+          f"Percentile calibration needs 0 < percentile <= 100, got {self.percentile!r} "
+          "(in a spec string write e.g. 'p99.9')."
         )
       object.__setattr__(self, "percentile", float(self.percentile))
     elif self.percentile is not None:
@@ -206,15 +203,15 @@ class QuantSpec:
       raise ValueError(f"Unknown rounding {self.rounding!r}; use 'nearest' or 'stochastic'.")
     if self.scale_dtype not in SCALE_DTYPES:
       raise ValueError(
-          f"Unknown scale dtype {self.scale_dtype!r}; use one of {', '.join(SCALE_DTYPES)} "
-          "(in a spec string write e.g. 'scale=f16')."
+        f"Unknown scale dtype {self.scale_dtype!r}; use one of {', '.join(SCALE_DTYPES)} "
+        "(in a spec string write e.g. 'scale=f16')."
       )
     if self.scale_dtype != "f32" and info.kind == "cast":
       raise ValueError(f"{self.format} is a plain cast and keeps no scale; drop 'scale=...'.")
     if self.rounding == "stochastic" and info.kind != "int":
       raise ValueError(
-          f"Stochastic rounding applies to integer formats, not {self.format}; "
-          "use rounding='nearest'."
+        f"Stochastic rounding applies to integer formats, not {self.format}; "
+        "use rounding='nearest'."
       )
 
   # ----------------------------------------------------------------- derived facts
@@ -251,8 +248,8 @@ class QuantSpec:
     axis = default if self.axis is None else self.axis
     if not -ndim <= axis < ndim:
       raise ValueError(
-          f"Spec {self} refers to axis {axis}, but the tensor has only {ndim} dimensions; "
-          "set the axis with '@AXIS' (e.g. 'int8:channel@0')."
+        f"Spec {self} refers to axis {axis}, but the tensor has only {ndim} dimensions; "
+        "set the axis with '@AXIS' (e.g. 'int8:channel@0')."
       )
     return axis % ndim
 
@@ -364,9 +361,9 @@ def check_group_size(spec: QuantSpec, shape: tuple[int, ...], path: str = "") ->
     divisors = [d for d in range(min(n, spec.group_size), 0, -1) if n % d == 0][:3]
     where = f"{path}: " if path else ""
     raise ValueError(
-        f"{where}group size {spec.group_size} does not divide axis {axis} of size {n} "
-        f"(shape {tuple(shape)}). Use a group size that divides {n} (e.g. "
-        f"{', '.join(map(str, divisors))}), or give this parameter a per-channel spec in a rule."
+      f"{where}group size {spec.group_size} does not divide axis {axis} of size {n} "
+      f"(shape {tuple(shape)}). Use a group size that divides {n} (e.g. "
+      f"{', '.join(map(str, divisors))}), or give this parameter a per-channel spec in a rule."
     )
 
 

@@ -152,29 +152,29 @@ class Plan:
       if not rule.expect_match:
         continue
       warnings.warn(
-          f"Rule {rule.pattern!r} matched no parameter (or only parameters an earlier rule "
-          "took); check the pattern against the paths that jaxquant.plan(params, rules) lists.",
-          UserWarning,
-          stacklevel=3,
+        f"Rule {rule.pattern!r} matched no parameter (or only parameters an earlier rule "
+        "took); check the pattern against the paths that jaxquant.plan(params, rules) lists.",
+        UserWarning,
+        stacklevel=3,
       )
 
   def to_dict(self) -> dict:
     return {
-        "rows": [
-            {
-                "path": r.path,
-                "shape": list(r.shape),
-                "dtype": r.dtype,
-                "spec": None if r.spec is None else str(r.spec),
-                "bytes_before": r.bytes_before,
-                "bytes_after": r.bytes_after,
-                "note": r.note,
-            }
-            for r in self.rows
-        ],
-        "unused_rules": [r.pattern for r in self.unused_rules],
-        "bytes_before": self.bytes_before,
-        "bytes_after": self.bytes_after,
+      "rows": [
+        {
+          "path": r.path,
+          "shape": list(r.shape),
+          "dtype": r.dtype,
+          "spec": None if r.spec is None else str(r.spec),
+          "bytes_before": r.bytes_before,
+          "bytes_after": r.bytes_after,
+          "note": r.note,
+        }
+        for r in self.rows
+      ],
+      "unused_rules": [r.pattern for r in self.unused_rules],
+      "bytes_before": self.bytes_before,
+      "bytes_after": self.bytes_after,
     }
 
   def __str__(self) -> str:
@@ -182,14 +182,22 @@ class Plan:
 
   def text(self, only_quantized: bool = False) -> str:
     """A plain-text table (path, shape, spec, bytes before and after) and the summary."""
-    rows = [(r.path, "×".join(map(str, r.shape)) or "()",
-             str(r.spec) if r.spec is not None else (r.note or "-"),
-             human_bytes(r.bytes_before), human_bytes(r.bytes_after))
-            for r in (self.quantized if only_quantized else self.rows)]  # fmt: skip
+    rows = [
+      (
+        r.path,
+        "×".join(map(str, r.shape)) or "()",
+        str(r.spec) if r.spec is not None else (r.note or "-"),
+        human_bytes(r.bytes_before),
+        human_bytes(r.bytes_after),
+      )
+      for r in (self.quantized if only_quantized else self.rows)
+    ]
     header = ("path", "shape", "spec", "bytes", "quantized")
     widths = [max(len(c) for c in col) for col in zip(header, *rows)]
-    lines = ["  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in
-                       enumerate(zip(line, widths))) for line in [header, *rows]]  # fmt: skip
+    lines = [
+      "  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths)))
+      for line in [header, *rows]
+    ]
     return "\n".join(lines + [self.summary()])
 
   def summary(self) -> str:
@@ -197,9 +205,11 @@ class Plan:
     before = sum(r.bytes_before for r in q)
     after = sum(r.bytes_after for r in q)
     lines = [
-        f"{len(q)} of {len(self.rows)} tensors quantized: {human_bytes(before)} -> {human_bytes(after)}"
-        f" ({after / before:.1%})" if before else f"0 of {len(self.rows)} tensors quantized",
-        f"whole tree: {human_bytes(self.bytes_before)} -> {human_bytes(self.bytes_after)}",
+      f"{len(q)} of {len(self.rows)} tensors quantized: {human_bytes(before)} -> "
+      f"{human_bytes(after)} ({after / before:.1%})"
+      if before
+      else f"0 of {len(self.rows)} tensors quantized",
+      f"whole tree: {human_bytes(self.bytes_before)} -> {human_bytes(self.bytes_after)}",
     ]
     lines += [f"rule {r.pattern!r} matched nothing" for r in self.unused_rules if r.expect_match]
     return "\n".join(lines)
@@ -234,8 +244,11 @@ def plan(params: PyTree, rules: Sequence[Rule]) -> Plan:
         after = spec.nbytes(shape[batch:]) * math.prod(shape[:batch])
       except ValueError as e:
         problem = str(e) if str(e).startswith(path) else f"{path}: {e}"
-    rows.append(PlanRow(path, shape, np.dtype(value.dtype).name, idx, spec, before, after, note,
-                        problem, batch))  # fmt: skip
+    rows.append(
+      PlanRow(
+        path, shape, np.dtype(value.dtype).name, idx, spec, before, after, note, problem, batch
+      )
+    )
   unused = tuple(r for i, r in enumerate(rules) if i not in used)
   return Plan(tuple(rows), rules, unused)
 
@@ -261,11 +274,11 @@ def _leaf_key(key: jax.Array | None, path: str) -> jax.Array | None:
 
 
 def quantize_params(
-    params: PyTree,
-    rules: Sequence[Rule] | Plan,
-    *,
-    key: jax.Array | None = None,
-    progress: bool | Callable = False,
+  params: PyTree,
+  rules: Sequence[Rule] | Plan,
+  *,
+  key: jax.Array | None = None,
+  progress: bool | Callable = False,
 ) -> PyTree:
   """The same tree with a `QArray` for every leaf a rule quantizes.
 
@@ -288,20 +301,19 @@ def quantize_params(
   p.warn_unused()
   done: dict[str, QArray] = {}
   for r in progress_bar(todo, "quantizing", progress):
-    done[r.path] = quantize(leaves[r.path], r.spec, key=_leaf_key(key, r.path), path=r.path,
-                            batch_dims=r.batch_dims)  # fmt: skip
+    done[r.path] = quantize(
+      leaves[r.path], r.spec, key=_leaf_key(key, r.path), path=r.path, batch_dims=r.batch_dims
+    )
   return map_leaves(lambda path, v: done.get(path, v), params)
 
 
 def dequantize_params(qparams: PyTree, dtype=None) -> PyTree:
   """Replaces every `QArray` leaf by its dequantized array (original dtype unless `dtype`)."""
-  return map_leaves(
-      lambda _, v: dequantize(v, dtype) if isinstance(v, QArray) else v, qparams
-  )
+  return map_leaves(lambda _, v: dequantize(v, dtype) if isinstance(v, QArray) else v, qparams)
 
 
 def fake_quant_params(
-    params: PyTree, rules: Sequence[Rule], *, key: jax.Array | None = None
+  params: PyTree, rules: Sequence[Rule], *, key: jax.Array | None = None
 ) -> PyTree:
   """Differentiable ``dequantize(quantize(w))`` of every leaf a rule quantizes (for QAT).
 

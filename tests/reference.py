@@ -31,13 +31,16 @@ def stored(scale: np.ndarray, dtype) -> np.ndarray:
   clipped = np.clip(scale, np.float32(info.smallest_normal), np.float32(info.max))
   nearest = clipped.astype(dtype)
   # the next value up of a positive finite 16-bit float is the next bit pattern
-  up = (nearest.view(np.uint16) + np.uint16(1)).view(dtype) if nearest.dtype.itemsize == 2 else nearest
+  up = (
+    (nearest.view(np.uint16) + np.uint16(1)).view(dtype) if nearest.dtype.itemsize == 2 else nearest
+  )
   out = np.where(nearest.astype(np.float32) < clipped, up, nearest)
   return out.astype(np.float32)
 
 
-def ref_quantize(x, fmt, granularity="channel", axis=-1, group=None, symmetric=True,
-                 scale_dtype=np.float32):  # fmt: skip
+def ref_quantize(
+  x, fmt, granularity="channel", axis=-1, group=None, symmetric=True, scale_dtype=np.float32
+):
   """(codes, scale, zero_point, dequantized) for integer formats; all float32 arithmetic, the
   scale rounded to `scale_dtype` before it is used."""
   x = np.asarray(x, np.float32)

@@ -12,25 +12,25 @@ ROOT = Path(__file__).resolve().parents[1] / "jaxquant"
 
 #: The core's layers, lowest first: a module may import only from its own layer or below.
 LAYERS = (
-    ("jaxquant._version", "jaxquant.spec"),
-    ("jaxquant.packing",),
-    ("jaxquant.qarray",),
-    ("jaxquant.calibration",),
-    ("jaxquant.numerics",),
-    ("jaxquant.learned",),
-    ("jaxquant.rules",),
-    ("jaxquant.transforms",),
-    ("jaxquant.io",),
-    ("jaxquant.interop",),
-    ("jaxquant.ops",),
-    ("jaxquant.flax",),
-    ("jaxquant.ptq",),
-    ("jaxquant.mixed",),
-    ("jaxquant.training",),
-    ("jaxquant.recipes",),
-    ("jaxquant.export",),
-    ("jaxquant",),  # the package facade (`import jaxquant as jq`): the core's public names
-    ("jaxquant.apps",),
+  ("jaxquant._version", "jaxquant.spec"),
+  ("jaxquant.packing",),
+  ("jaxquant.qarray",),
+  ("jaxquant.calibration",),
+  ("jaxquant.numerics",),
+  ("jaxquant.learned",),
+  ("jaxquant.rules",),
+  ("jaxquant.transforms",),
+  ("jaxquant.io",),
+  ("jaxquant.interop",),
+  ("jaxquant.ops",),
+  ("jaxquant.flax",),
+  ("jaxquant.ptq",),
+  ("jaxquant.mixed",),
+  ("jaxquant.training",),
+  ("jaxquant.recipes",),
+  ("jaxquant.export",),
+  ("jaxquant",),  # the package facade (`import jaxquant as jq`): the core's public names
+  ("jaxquant.apps",),
 )
 #: Third-party imports allowed only above the core (optional extras), or inside a function
 #: that degrades without them.
@@ -51,7 +51,7 @@ MODULES = _modules()
 
 def _layer(module: str) -> int:
   for i, layer in enumerate(LAYERS):
-    if any(module == m or m != "jaxquant" and module.startswith(m + ".") for m in layer):
+    if any(module == m or (m != "jaxquant" and module.startswith(m + ".")) for m in layer):
       return i
   raise AssertionError(f"{module} is in no layer: add it to LAYERS and docs/architecture.md")
 
@@ -98,7 +98,7 @@ def test_no_import_cycles():
     stack.append(m)
     for t in sorted(graph[m]):
       if state.get(t) == "open":
-        raise AssertionError("import cycle: " + " -> ".join(stack[stack.index(t):] + [t]))
+        raise AssertionError("import cycle: " + " -> ".join(stack[stack.index(t) :] + [t]))
       if t not in state:
         visit(t)
     stack.pop()

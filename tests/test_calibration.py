@@ -10,14 +10,14 @@ from hypothesis.extra import numpy as hnp
 
 import jaxquant as jq
 from jaxquant.calibration import (
-    MSE_CLIP_GRID,
-    absmax_range,
-    act_range,
-    init_act_stats,
-    minmax_range,
-    mse_range,
-    percentile_range,
-    update_act_stats,
+  MSE_CLIP_GRID,
+  absmax_range,
+  act_range,
+  init_act_stats,
+  minmax_range,
+  mse_range,
+  percentile_range,
+  update_act_stats,
 )
 
 FINITE = st.floats(-1e3, 1e3, width=32, allow_subnormal=False)
@@ -157,8 +157,9 @@ class RangesUnderJitTest(chex.TestCase):
       eager_lo, eager_hi = jax.jit(lambda x: percentile_range(x, (1,), 90.0, False))(x)
       np.testing.assert_array_equal(np.asarray(lo), np.asarray(eager_lo))
       np.testing.assert_array_equal(np.asarray(hi), np.asarray(eager_hi))
-      np.testing.assert_allclose(np.asarray(hi), np.quantile(x, 0.9, axis=1, keepdims=True),
-                                 rtol=1e-5)  # fmt: skip
+      np.testing.assert_allclose(
+        np.asarray(hi), np.quantile(x, 0.9, axis=1, keepdims=True), rtol=1e-5
+      )
 
   @chex.variants(with_jit=True, without_jit=True)
   def test_act_stats_update(self):

@@ -39,7 +39,13 @@ def test_qat_experiment_quick_setting_runs(capsys, monkeypatch):
   monkeypatch.setattr(sys, "argv", ["qat_decoder.py", "--quick"])
   runpy.run_path(str(EXPERIMENT), run_name="__main__")
   out = capsys.readouterr().out
-  for run in ("fp32", "bf16-mixed", "fp32 fine-tune control", "int8-qat (w8a8)", "int4-qat lsq",
-              "int4 ptq gptq"):  # fmt: skip
+  for run in (
+    "fp32",
+    "bf16-mixed",
+    "fp32 fine-tune control",
+    "int8-qat (w8a8)",
+    "int4-qat lsq",
+    "int4 ptq gptq",
+  ):
     assert f"| {run} |" in out
   assert "INT4 RTN loss gap recovered (reference: fp32 fine-tune control)" in out

@@ -44,9 +44,9 @@ RUNS = {"float": _out_and_grads("float"), "quantized": _out_and_grads("quantized
 
 @settings(max_examples=30, deadline=None)
 @given(
-    x=hnp.arrays(np.float32, (4, 24), elements=finite),
-    seed=st.integers(0, 2**16),
-    backward=st.sampled_from(["float", "quantized"]),
+  x=hnp.arrays(np.float32, (4, 24), elements=finite),
+  seed=st.integers(0, 2**16),
+  backward=st.sampled_from(["float", "quantized"]),
 )
 def test_forward_and_gradients_match_numpy_reference(x, seed, backward):
   rng = np.random.default_rng(seed)
@@ -66,24 +66,28 @@ def test_quantized_backward_equals_the_float_fake_quant_gradient():
   x = jax.random.normal(jax.random.key(4), (6, 32))
   w = jax.random.normal(jax.random.key(5), (32, 16))
   ref = lambda a, b: fake_quant_along(a, "int8:token", (1,)) @ fake_quant(b, "int8")
-  loss = lambda f: (lambda a, b: jnp.sum(jnp.sin(f(a, b))))  # noqa: E731
+  loss = lambda f: lambda a, b: jnp.sum(jnp.sin(f(a, b)))
   with ste_backward("quantized"):
     got = jax.grad(loss(fake_w8a8), (0, 1))(x, w)
   want = jax.grad(loss(ref), (0, 1))(x, w)
   for g, r in zip(got, want):
     np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5)
-  with pytest.raises(ValueError, match="ste_backward"):
-    with ste_backward("exact"):
-      pass
+  with pytest.raises(ValueError, match="ste_backward"), ste_backward("exact"):
+    pass
 
 
 def test_chooses_integer_path_only_where_the_identity_holds():
   x, w = jnp.ones((4, 16)), jnp.ones((16, 8))
   assert explain(x, w, DENSE, "int8:token", "fake", "int8").name == "int8-ste"
   assert explain(x, w, DENSE, "int8:tensor", "fake", "int8").name == "int8-ste"
-  for lhs, rhs in [("int8:token", "int4:g8"), ("int8:token:asym", "int8"),
-                   ("int8:token", "int8:g8"), (None, "int8"), ("int8:token:p99", "int8"),
-                   ("int8:token", "int8:channel@0")]:  # fmt: skip
+  for lhs, rhs in [
+    ("int8:token", "int4:g8"),
+    ("int8:token:asym", "int8"),
+    ("int8:token", "int8:g8"),
+    (None, "int8"),
+    ("int8:token:p99", "int8"),
+    ("int8:token", "int8:channel@0"),
+  ]:
     assert explain(x, w, DENSE, lhs, "fake", rhs).name == "float", (lhs, rhs)
 
 
@@ -103,8 +107,9 @@ def test_static_scale_clips_and_masks_the_gradient():
   x = jnp.asarray([[0.5, -3.0, 1.0, 10.0]])
   w = jnp.eye(4)
   scale = jnp.full((1, 1), 2.0 / 127)  # range ±2: the -3 and 10 entries clip
-  f = lambda a: qdot_general(a, w, DENSE, lhs_spec="int8:tensor", rhs_spec="int8",
-                             lhs_scale=scale, mode="fake")  # fmt: skip
+  f = lambda a: qdot_general(
+    a, w, DENSE, lhs_spec="int8:tensor", rhs_spec="int8", lhs_scale=scale, mode="fake"
+  )
   ref = fake_quant_along(x, "int8:tensor", (0, 1), scale=scale) @ fake_quant(w, "int8")
   np.testing.assert_allclose(f(x), ref, atol=1e-6)
   np.testing.assert_allclose(jax.grad(lambda a: f(a).sum())(x), [[1, 0, 1, 0]])
@@ -121,7 +126,8 @@ def test_fake_matches_serve_on_a_dense_layer():
   rules = [jq.Rule(".*", weight="int8", act="int8:token")]
   fake = jqf.quantize_model(model, rules, "fake").apply({"params": params}, x)
   serve = jqf.quantize_model(model, rules, "serve").apply(
-      {"params": jq.quantize_params(params, rules)}, x)
+    {"params": jq.quantize_params(params, rules)}, x
+  )
   np.testing.assert_allclose(fake, serve, atol=1e-5)
 
 

@@ -12,11 +12,16 @@ import jaxquant as jq
 from jaxquant import flax as jqf
 from jaxquant.flax import nnx as jqn
 
-RULES = [jq.Rule("conv", weight="int8", act="int8:tensor"),
-         jq.Rule(".*", weight="int8", act="int8:token")]  # fmt: skip
+RULES = [
+  jq.Rule("conv", weight="int8", act="int8:tensor"),
+  jq.Rule(".*", weight="int8", act="int8:token"),
+]
 # group along a contraction axis of each kernel: heads [64, 4, 16], mix [4, 16, 32]
-WEIGHT_ONLY_INT4 = [jq.Rule("heads", weight="int4:g16@0"), jq.Rule("mix", weight="int4:g16@1"),
-                    jq.Rule(".*", weight="int4:g16")]  # fmt: skip
+WEIGHT_ONLY_INT4 = [
+  jq.Rule("heads", weight="int4:g16@0"),
+  jq.Rule("mix", weight="int4:g16@1"),
+  jq.Rule(".*", weight="int4:g16"),
+]
 
 
 class LinenNet(nn.Module):
@@ -70,8 +75,13 @@ def linen_stats(linen, x):
 
 def test_linen_calibrate_collects_stats_without_changing_outputs(linen, x, linen_stats):
   model, params, ref = linen
-  assert sorted(linen_stats) == ["conv/kernel", "down/kernel", "heads/kernel", "mix/kernel",
-                                 "up/kernel"]  # fmt: skip
+  assert sorted(linen_stats) == [
+    "conv/kernel",
+    "down/kernel",
+    "heads/kernel",
+    "mix/kernel",
+    "up/kernel",
+  ]
   assert float(linen_stats["up/kernel"]["count"]) == 2 * x.size
   np.testing.assert_allclose(float(linen_stats["up/kernel"]["absmax"]), float(jnp.max(jnp.abs(x))))
   out, _ = jqf.quantize_model(model, RULES, "calibrate").apply({"params": params}, x)
@@ -106,8 +116,9 @@ def test_linen_serve_exports_for_cpu_cuda_tpu(linen, x):
   fn = jax.jit(serve.apply)
   exported = export.export(fn, platforms=("cpu", "cuda", "tpu"))({"params": qparams}, x)
   restored = export.deserialize(exported.serialize())
-  np.testing.assert_array_equal(np.asarray(restored.call({"params": qparams}, x)),
-                                np.asarray(fn({"params": qparams}, x)))  # fmt: skip
+  np.testing.assert_array_equal(
+    np.asarray(restored.call({"params": qparams}, x)), np.asarray(fn({"params": qparams}, x))
+  )
 
 
 def test_linen_fake_mode_gradients_reach_every_kernel(linen, x, linen_stats):
@@ -165,6 +176,6 @@ def test_quantize_params_on_nnx_state_matches_serve_model(x):
   q_state = jq.quantize_params(nnx.state(model, nnx.Param), WEIGHT_ONLY_INT4)
   serve = jqn.quantize_model(model, WEIGHT_ONLY_INT4, "serve")
   np.testing.assert_array_equal(
-      np.asarray(q_state["up"]["kernel"].get_value().values),
-      np.asarray(serve.up.kernel.get_value().values),
+    np.asarray(q_state["up"]["kernel"].get_value().values),
+    np.asarray(serve.up.kernel.get_value().values),
   )

@@ -8,11 +8,11 @@ import pytest
 import jaxquant as jq
 from jaxquant import flax as jqf
 from jaxquant.apps.models.decoder import (
-    Decoder,
-    DecoderConfig,
-    cache_bytes,
-    init_cache,
-    make_generate,
+  Decoder,
+  DecoderConfig,
+  cache_bytes,
+  init_cache,
+  make_generate,
 )
 from jaxquant.ops import serving_layout
 
@@ -111,7 +111,7 @@ def test_generation_runs_under_quantize_model_serve(setup, rules):
   np.testing.assert_allclose(np.asarray(got), np.asarray(ref), atol=1e-4, rtol=1e-4)
   out = make_generate(serve, 6, cache="int8")(variables, tokens[:, :4])
   assert out.shape == (2, 6) and int(out.min()) >= 0 and int(out.max()) < 256
-  step = lambda v, t: serve.apply(v, t, cache=init_cache(CFG, 2, 8, "int8"), pos=3)  # noqa: E731
+  step = lambda v, t: serve.apply(v, t, cache=init_cache(CFG, 2, 8, "int8"), pos=3)
   text = jax.jit(step).lower(variables, tokens[:, :1]).as_text()
   int8_dots = [ln for ln in text.splitlines() if "dot_general" in ln and "i32>" in ln]
   assert bool(int8_dots) == (rules is W8A8)

@@ -14,14 +14,14 @@ GUIDES = ["guide.md", "guide.zh.md"]
 # (section, subheading) pairs every guide must fill: the seed's three empty sections, each with
 # "how it is computed" and "when to use it, and how".
 SECTIONS = {
-    "guide.md": (
-        [r"INT8 quantization", r"INT4 quantization", r"Mixed-precision quantization"],
-        [r"How it is computed", r"When to use it, and how"],
-    ),
-    "guide.zh.md": (
-        [r"INT8\s*量化", r"INT4\s*量化", r"混合精度量化"],
-        [r"计算过程", r"适用阶段及策略"],
-    ),
+  "guide.md": (
+    [r"INT8 quantization", r"INT4 quantization", r"Mixed-precision quantization"],
+    [r"How it is computed", r"When to use it, and how"],
+  ),
+  "guide.zh.md": (
+    [r"INT8\s*量化", r"INT4\s*量化", r"混合精度量化"],
+    [r"计算过程", r"适用阶段及策略"],
+  ),
 }
 
 _FENCE = re.compile(r"^```python[ \t]*\n(.*?)^```[ \t]*$", re.S | re.M)
@@ -35,8 +35,15 @@ def python_blocks(name: str) -> list[tuple[int, str]]:
 
 def code_tokens(code: str) -> list[tuple[int, str]]:
   """The code's tokens without comments and layout, so that translated comments compare equal."""
-  skip = {tokenize.COMMENT, tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT,
-          tokenize.ENCODING, tokenize.ENDMARKER}  # fmt: skip
+  skip = {
+    tokenize.COMMENT,
+    tokenize.NL,
+    tokenize.NEWLINE,
+    tokenize.INDENT,
+    tokenize.DEDENT,
+    tokenize.ENCODING,
+    tokenize.ENDMARKER,
+  }
   toks = tokenize.generate_tokens(io.StringIO(code).readline)
   return [(t.type, t.string) for t in toks if t.type not in skip]
 
@@ -44,17 +51,19 @@ def code_tokens(code: str) -> list[tuple[int, str]]:
 @pytest.mark.parametrize("name", GUIDES)
 def test_guide_snippets_run(name):
   blocks = python_blocks(name)
-  assert len(blocks) >= 10, f"docs/{name}: expected the guide's python snippets, found {len(blocks)}"
+  assert len(blocks) >= 10, (
+    f"docs/{name}: expected the guide's python snippets, found {len(blocks)}"
+  )
   namespace = {"__name__": f"guide_{name.replace('.', '_')}"}
   for i, (line, code) in enumerate(blocks, 1):
     first = next((ln.strip() for ln in code.splitlines() if ln.strip()), "")
     try:
-      exec(compile(code, f"docs/{name}:{line}", "exec"), namespace)  # noqa: S102
-    except Exception as e:  # noqa: BLE001
+      exec(compile(code, f"docs/{name}:{line}", "exec"), namespace)
+    except Exception as e:
       pytest.fail(
-          f"docs/{name}, python block {i} of {len(blocks)} (starting at line {line}: {first!r}) "
-          f"failed: {type(e).__name__}: {e}",
-          pytrace=True,
+        f"docs/{name}, python block {i} of {len(blocks)} (starting at line {line}: {first!r}) "
+        f"failed: {type(e).__name__}: {e}",
+        pytrace=True,
       )
 
 
@@ -63,8 +72,8 @@ def test_guides_share_the_same_code():
   assert len(en) == len(zh), f"docs/guide.md has {len(en)} python blocks, guide.zh.md {len(zh)}"
   for i, ((l_en, c_en), (l_zh, c_zh)) in enumerate(zip(en, zh), 1):
     assert code_tokens(c_en) == code_tokens(c_zh), (
-        f"python block {i} differs between docs/guide.md (line {l_en}) and docs/guide.zh.md "
-        f"(line {l_zh}) beyond comments; keep the code identical."
+      f"python block {i} differs between docs/guide.md (line {l_en}) and docs/guide.zh.md "
+      f"(line {l_zh}) beyond comments; keep the code identical."
     )
 
 
@@ -99,7 +108,9 @@ def test_guide_sections_are_filled(name):
       bodies = [body for heading, body in subs if re.fullmatch(sub, heading, re.I)]
       assert len(bodies) == 1, f"docs/{name}: section {section!r} needs one '### {sub}'"
       prose = re.sub(r"```.*?```", "", bodies[0], flags=re.S)
-      assert len("".join(prose.split())) >= 200, f"docs/{name}: '{section} / {sub}' is (nearly) empty"
+      assert len("".join(prose.split())) >= 200, (
+        f"docs/{name}: '{section} / {sub}' is (nearly) empty"
+      )
 
 
 def test_readme_links_the_guides():

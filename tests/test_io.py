@@ -16,19 +16,30 @@ import jaxquant as jq
 from jaxquant.io import read_header
 from jaxquant.transforms import named_leaves
 
-SPECS = ["int8", "int8:token", "uint8:tensor", "int4:g16", "int4:g16:asym", "uint4:g32",
-         "nf4:g16", "fp8_e4m3", "fp8_e5m2", "bf16", "int4:g16:asym:scale=f16",
-         "int8:scale=bf16"]  # fmt: skip
+SPECS = [
+  "int8",
+  "int8:token",
+  "uint8:tensor",
+  "int4:g16",
+  "int4:g16:asym",
+  "uint4:g32",
+  "nf4:g16",
+  "fp8_e4m3",
+  "fp8_e5m2",
+  "bf16",
+  "int4:g16:asym:scale=f16",
+  "int8:scale=bf16",
+]
 
 
 def _tree(spec):
   x = jax.random.normal(jax.random.key(0), (64, 96))
   return {
-      "layers": [
-          {"kernel": jq.quantize(x, spec), "bias": jnp.arange(96, dtype=jnp.float32)},
-          {"kernel": jq.quantize(x * 2, spec), "bias": jnp.ones(96, jnp.bfloat16)},
-      ],
-      "step": jnp.array(7, jnp.int32),
+    "layers": [
+      {"kernel": jq.quantize(x, spec), "bias": jnp.arange(96, dtype=jnp.float32)},
+      {"kernel": jq.quantize(x * 2, spec), "bias": jnp.ones(96, jnp.bfloat16)},
+    ],
+    "step": jnp.array(7, jnp.int32),
   }
 
 
@@ -57,7 +68,7 @@ def test_round_trip_is_exact(tmp_path, spec):
 
 
 @pytest.mark.parametrize(
-    "spec", ["int8", "int4:g128", "int4:g128:asym", "nf4:g64", "int4:g128:asym:scale=f16"]
+  "spec", ["int8", "int4:g128", "int4:g128:asym", "nf4:g64", "int4:g128:asym:scale=f16"]
 )
 def test_file_size_is_the_theory_plus_a_small_header(tmp_path, spec):
   x = jax.random.normal(jax.random.key(1), (1536, 384))
@@ -91,7 +102,7 @@ def test_folder_paths_and_nnx_state(tmp_path):
   nnx.replace_by_pure_dict(restored, jq.dequantize_params(loaded))
   nnx.update(model, restored)
   np.testing.assert_array_equal(
-      np.asarray(model.a.kernel.get_value()), np.asarray(jq.dequantize(loaded["a"]["kernel"]))
+    np.asarray(model.a.kernel.get_value()), np.asarray(jq.dequantize(loaded["a"]["kernel"]))
   )
 
 

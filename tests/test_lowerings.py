@@ -31,13 +31,22 @@ def _serve(x, q, lowering):
 
 @settings(max_examples=8, deadline=None)
 @given(
-    m=st.integers(1, 5),
-    n=st.integers(1, 9),
-    groups=st.integers(1, 3),
-    spec=st.sampled_from(["int4:g16", "int4:g16:asym", "uint4:g16", "int4", "int8",
-                          "int4:g16:asym:scale=f16", "int8:scale=bf16"]),
-    minor=st.booleans(),
-    seed=st.integers(0, 2**16),
+  m=st.integers(1, 5),
+  n=st.integers(1, 9),
+  groups=st.integers(1, 3),
+  spec=st.sampled_from(
+    [
+      "int4:g16",
+      "int4:g16:asym",
+      "uint4:g16",
+      "int4",
+      "int8",
+      "int4:g16:asym:scale=f16",
+      "int8:scale=bf16",
+    ]
+  ),
+  minor=st.booleans(),
+  seed=st.integers(0, 2**16),
 )
 def test_every_lowering_matches_numpy(m, n, groups, spec, minor, seed):
   k = 16 * groups
@@ -46,9 +55,10 @@ def test_every_lowering_matches_numpy(m, n, groups, spec, minor, seed):
   q = jq.quantize(jax.random.normal(kw, (k, n)), spec)
   if minor:
     q = ops.serving_layout(q)
-  np.testing.assert_allclose(np.asarray(jq.dequantize(q)),
-                             np.asarray(jq.dequantize(jq.quantize(jax.random.normal(kw, (k, n)),
-                                                                  spec))))  # fmt: skip
+  np.testing.assert_allclose(
+    np.asarray(jq.dequantize(q)),
+    np.asarray(jq.dequantize(jq.quantize(jax.random.normal(kw, (k, n)), spec))),
+  )
   integer = "int8" if spec.startswith("int8") else "w4a8"
   for lowering, dynamic in ((integer, True), ("dequant", False)):
     out, ref = _serve(x, q, lowering), _ref(x, q, dynamic)
@@ -67,8 +77,9 @@ def test_w8a8_batched_tokens_and_einsum(minor):
   q4 = jq.quantize(jax.random.normal(jax.random.key(1), (32, 8)), "int4:g16")
   q4 = ops.serving_layout(q4) if minor else q4
   out = ops.qeinsum("btd,dk->btk", x, q4, lowering="w4a8")
-  np.testing.assert_allclose(np.asarray(out), _ref(x.reshape(6, 32), q4, True).reshape(2, 3, 8),
-                             rtol=1e-5, atol=1e-5)  # fmt: skip
+  np.testing.assert_allclose(
+    np.asarray(out), _ref(x.reshape(6, 32), q4, True).reshape(2, 3, 8), rtol=1e-5, atol=1e-5
+  )
 
 
 def test_chooser_decisions():
@@ -79,7 +90,9 @@ def test_chooser_decisions():
   assert (one.name, one.pad_rows) == ("int8", 1) and "contraction-major" in one.reason
   assert ops.explain(row(16), q8, DENSE, "int8:token", backend="cpu").pad_rows == 0
   assert ops.explain(row(1), q8, DENSE, "int8:token", backend="tpu").pad_rows == 0
-  assert "contraction-minor" in ops.explain(row(1), ops.serving_layout(q8), DENSE, "int8:token").reason
+  assert (
+    "contraction-minor" in ops.explain(row(1), ops.serving_layout(q8), DENSE, "int8:token").reason
+  )
   # weight-only stays dequantized unless dynamic int8 activations are allowed
   assert ops.explain(row(1), q8).name == "dequant"
   assert ops.explain(row(1), q4).name == "dequant"
@@ -95,21 +108,23 @@ def test_chooser_decisions():
   assert ops.explain(row(1), q8, lowering="dequant").name == "dequant"
   with pytest.raises(ValueError, match="w4a8"):
     ops.explain(row(1), q8, lowering="w4a8")
-  with pytest.raises(ValueError, match="lowering"):
-    with ops.lowering_scope("int3"):
-      pass
+  with pytest.raises(ValueError, match="lowering"), ops.lowering_scope("int3"):
+    pass
 
 
 def _dots(text: str) -> list[str]:
   return [line for line in text.splitlines() if "stablehlo.dot_general" in line]
 
 
-@pytest.mark.parametrize("spec, lowering", [("int8", "int8"), ("int4:g16", "w4a8"),
-                                            ("int4:g16:asym", "w4a8")])  # fmt: skip
+@pytest.mark.parametrize(
+  "spec, lowering", [("int8", "int8"), ("int4:g16", "w4a8"), ("int4:g16:asym", "w4a8")]
+)
 def test_integer_lowerings_are_i8_dots_in_the_stablehlo(spec, lowering):
   x = jax.random.normal(jax.random.key(0), (1, 64))
   q = ops.serving_layout(jq.quantize(jax.random.normal(jax.random.key(1), (64, 32)), spec))
-  text = jax.jit(lambda x, q: ops.qdot_general(x, q, DENSE, lowering=lowering)).lower(x, q).as_text()
+  text = (
+    jax.jit(lambda x, q: ops.qdot_general(x, q, DENSE, lowering=lowering)).lower(x, q).as_text()
+  )
   dots = _dots(text)
   int_dots = [d for d in dots if "xi8>, tensor<32x" in d and "xi32>" in d]
   assert int_dots, dots
@@ -118,9 +133,10 @@ def test_integer_lowerings_are_i8_dots_in_the_stablehlo(spec, lowering):
     assert "tensor<2x64xi8>, tensor<32x64xi8>) -> tensor<2x32xi32>" in dots[0]
 
 
-@pytest.mark.parametrize("spec, lowering, minor", [("int8", "int8", True),
-                                                   ("int4:g16", "w4a8", False),
-                                                   ("int4:g16", "dequant", True)])  # fmt: skip
+@pytest.mark.parametrize(
+  "spec, lowering, minor",
+  [("int8", "int8", True), ("int4:g16", "w4a8", False), ("int4:g16", "dequant", True)],
+)
 def test_each_lowering_exports_for_cpu_cuda_tpu(spec, lowering, minor):
   x = jax.random.normal(jax.random.key(0), (1, 64))
   q = jq.quantize(jax.random.normal(jax.random.key(1), (64, 32)), spec)
@@ -140,6 +156,9 @@ def test_serving_layout_round_trips_through_a_checkpoint(tmp_path):
   loaded = jq.load(jq.save(tmp_path / "m.safetensors", served))
   assert loaded["b"].perm == (1, 0)
   for k in ("b",):
-    np.testing.assert_array_equal(np.asarray(jq.dequantize(loaded[k])), np.asarray(jq.dequantize(tree[k])))
-  np.testing.assert_array_equal(np.asarray(jq.dequantize(loaded["a"]["kernel"])),
-                                np.asarray(jq.dequantize(tree["a"]["kernel"])))  # fmt: skip
+    np.testing.assert_array_equal(
+      np.asarray(jq.dequantize(loaded[k])), np.asarray(jq.dequantize(tree[k]))
+    )
+  np.testing.assert_array_equal(
+    np.asarray(jq.dequantize(loaded["a"]["kernel"])), np.asarray(jq.dequantize(tree["a"]["kernel"]))
+  )

@@ -24,7 +24,9 @@ def params():
 
 @pytest.fixture(scope="module")
 def kernels(params):
-  return {p: v for p, v in named_leaves(params) if p.startswith("encoder/") and p.endswith("kernel")}
+  return {
+    p: v for p, v in named_leaves(params) if p.startswith("encoder/") and p.endswith("kernel")
+  }
 
 
 def test_loads_as_flax_layout(params, kernels):
@@ -80,7 +82,9 @@ def test_cli_quantize_writes_a_checkpoint_and_report(tmp_path, capsys):
   printed = capsys.readouterr().out
   assert "encoder/layer_5/output/dense/kernel" in printed and "SNR dB" in printed
   report = json.loads((out / "report.json").read_text())
-  assert len(report["errors"]) == 37 and report["file_bytes"] == os.path.getsize(out / "model.safetensors")
+  assert len(report["errors"]) == 37 and report["file_bytes"] == os.path.getsize(
+    out / "model.safetensors"
+  )
   loaded = jq.load(out)
   k = loaded["encoder"]["layer_0"]["intermediate"]["dense"]["kernel"]
   assert isinstance(k, jq.QArray) and str(k.spec) == "int4:g128" and k.packed
@@ -89,11 +93,30 @@ def test_cli_quantize_writes_a_checkpoint_and_report(tmp_path, capsys):
 def test_cli_takes_any_safetensors_file(tmp_path, capsys):
   f = tmp_path / "tiny.safetensors"
   rng = np.random.default_rng(0)
-  save_file({"enc.0.lin.weight": rng.normal(size=(64, 32)).astype(np.float32),
-             "enc.0.lin.bias": np.zeros(64, np.float32)}, str(f))  # fmt: skip
+  save_file(
+    {
+      "enc.0.lin.weight": rng.normal(size=(64, 32)).astype(np.float32),
+      "enc.0.lin.bias": np.zeros(64, np.float32),
+    },
+    str(f),
+  )
   out = tmp_path / "q"
-  assert cli.main(["quantize", "--model", str(f), "--layout", "torch", "--recipe", "int4:g32",
-                   "--out", str(out)]) == 0  # fmt: skip
+  assert (
+    cli.main(
+      [
+        "quantize",
+        "--model",
+        str(f),
+        "--layout",
+        "torch",
+        "--recipe",
+        "int4:g32",
+        "--out",
+        str(out),
+      ]
+    )
+    == 0
+  )
   k = jq.load(out)["enc_0"]["lin"]["kernel"]  # torch names: enc.0.lin.weight
   assert k.shape == (32, 64)
 

@@ -46,7 +46,9 @@ def test_int4_round_to_nearest_loses_measurably(params, sentences, reference):
 def test_static_recipe_calibrates_on_other_text(params):
   rules = evaluate.load_recipe("w8a8-static").rules
   stats = evaluate.calibrate_minilm(rules, params, data.calibration_sentences(32))
-  assert len(stats) == 36 and all  # every encoder Dense (the pooler is not run)(float(s["count"]) > 0 for s in stats.values())
+  assert (
+    len(stats) == 36 and all
+  )  # every encoder Dense (the pooler is not run)(float(s["count"]) > 0 for s in stats.values())
   assert not set(data.calibration_sentences(256)) & set(data.evaluation_sentences(512))
 
 
@@ -54,15 +56,20 @@ def test_cli_embed_and_eval(tmp_path, sentences, reference):
   text = tmp_path / "s.txt"
   data.write_sentences(text, sentences[:16])
   out = tmp_path / "emb.npy"
-  assert cli.main(["embed", "--model", "minilm", "--recipe", "w8", "--sentences", str(text),
-                   "--out", str(out)]) == 0  # fmt: skip
+  assert (
+    cli.main(
+      ["embed", "--model", "minilm", "--recipe", "w8", "--sentences", str(text), "--out", str(out)]
+    )
+    == 0
+  )
   emb = np.load(out)
   assert emb.shape == (16, 384)
   np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, rtol=1e-5)
   assert evaluate.cosine(reference[:16], emb).min() > 0.998
   result = tmp_path / "r.json"
-  assert cli.main(["eval", "--recipes", "fp32,w8", "--sentences", str(text),
-                   "--json", str(result)]) == 0  # fmt: skip
+  assert (
+    cli.main(["eval", "--recipes", "fp32,w8", "--sentences", str(text), "--json", str(result)]) == 0
+  )
   rows = json.loads(result.read_text())["rows"]
   assert rows[0]["mean_cosine"] == pytest.approx(1.0, abs=1e-6)
   assert rows[1]["weight_bytes"] < 0.7 * rows[0]["weight_bytes"]
@@ -73,8 +80,20 @@ def test_cli_embed_reads_a_quantized_checkpoint(tmp_path):
   assert cli.main(["quantize", "--recipe", "w8a8", "--out", str(out)]) == 0
   text = tmp_path / "s.txt"
   data.write_sentences(text, data.evaluation_sentences(4))
-  assert cli.main(["embed", "--checkpoint", str(out), "--sentences", str(text),
-                   "--out", str(tmp_path / "e.npy")]) == 0  # fmt: skip
+  assert (
+    cli.main(
+      [
+        "embed",
+        "--checkpoint",
+        str(out),
+        "--sentences",
+        str(text),
+        "--out",
+        str(tmp_path / "e.npy"),
+      ]
+    )
+    == 0
+  )
   direct = evaluate.minilm_encoder("w8a8").encode(data.evaluation_sentences(4))
   np.testing.assert_allclose(np.load(tmp_path / "e.npy"), direct, atol=1e-6)
 

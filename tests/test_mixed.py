@@ -16,28 +16,40 @@ from jaxquant.rules import Rule
 
 
 # --------------------------------------------------------------------------- stored bits
-@given(st.sampled_from(["int4:g128:asym", "int8", "int8:scale=f16", "nf4:g64", "bf16",
-                        "int4:g32:asym:mse:scale=f16", "fp8_e4m3", "uint8:g64"]),
-       st.sampled_from([(128, 8), (256, 6), (384, 2)]))  # fmt: skip
+@given(
+  st.sampled_from(
+    [
+      "int4:g128:asym",
+      "int8",
+      "int8:scale=f16",
+      "nf4:g64",
+      "bf16",
+      "int4:g32:asym:mse:scale=f16",
+      "fp8_e4m3",
+      "uint8:g64",
+    ]
+  ),
+  st.sampled_from([(128, 8), (256, 6), (384, 2)]),
+)
 def test_stored_bits_are_the_bytes_of_the_spec(spec, shape):
   assert mixed.stored_bits(spec, shape) == 8 * jq.QuantSpec.parse(spec).nbytes(shape)
   assert mixed.stored_bits(jq.QuantSpec.parse(spec), list(shape)) == mixed.stored_bits(spec, shape)
 
 
 @pytest.mark.parametrize(
-    "spec, per_weight",
-    [
-        # 4-bit values, one scale (16 or 32 bits) and one int8 zero point per group
-        ("int4:g128:asym:scale=f16", 4 + (16 + 8) / 128),
-        ("int4:g64:asym:scale=f16", 4 + (16 + 8) / 64),
-        ("int4:g32:asym:scale=f16", 4 + (16 + 8) / 32),
-        ("int4:g128:asym", 4 + (32 + 8) / 128),
-        ("int4:g64:asym", 4 + (32 + 8) / 64),
-        ("int4:g32:asym", 4 + (32 + 8) / 32),
-        ("int4:g128:asym:mse:scale=f16", 4 + (16 + 8) / 128),  # calibration stores nothing
-        ("int4:g128:scale=f16", 4 + 16 / 128),  # symmetric: no zero points
-        ("bf16", 16),
-    ],
+  "spec, per_weight",
+  [
+    # 4-bit values, one scale (16 or 32 bits) and one int8 zero point per group
+    ("int4:g128:asym:scale=f16", 4 + (16 + 8) / 128),
+    ("int4:g64:asym:scale=f16", 4 + (16 + 8) / 64),
+    ("int4:g32:asym:scale=f16", 4 + (16 + 8) / 32),
+    ("int4:g128:asym", 4 + (32 + 8) / 128),
+    ("int4:g64:asym", 4 + (32 + 8) / 64),
+    ("int4:g32:asym", 4 + (32 + 8) / 32),
+    ("int4:g128:asym:mse:scale=f16", 4 + (16 + 8) / 128),  # calibration stores nothing
+    ("int4:g128:scale=f16", 4 + 16 / 128),  # symmetric: no zero points
+    ("bf16", 16),
+  ],
 )
 def test_stored_bits_per_weight_closed_forms(spec, per_weight):
   for shape in [(128, 16), (512, 64), (1024, 2)]:
@@ -94,7 +106,10 @@ def knapsacks(draw, integer_costs=True):
   cheapest = sum(min(cs.values()) for cs in costs.values())
   dearest = sum(max(cs.values()) for cs in costs.values())
   budget = draw(st.floats(cheapest, dearest + 1.0))
-  return sizes, errors, costs, budget / sum(sizes.values())
+  avg_bits = budget / sum(sizes.values())
+  while avg_bits * sum(sizes.values()) < cheapest:  # keep float rounding off the boundary
+    avg_bits = float(np.nextafter(avg_bits, np.inf))  # (see the xfail tests below)
+  return sizes, errors, costs, avg_bits
 
 
 def _spent(pick, costs):
@@ -132,11 +147,14 @@ def test_allocate_keeps_the_budget_with_fractional_costs(case, resolution):
   assert _total(got, errors) <= best + 1e-9 * (1 + abs(best))
 
 
-@pytest.mark.xfail(strict=True, reason="allocate does not check that the rounded grid kept a "
-                   "feasible pick: it backtracks from an all-inf table and returns an over-budget "
-                   "pick or raises IndexError")  # fmt: skip
+@pytest.mark.xfail(
+  strict=True,
+  reason="allocate does not check that the rounded grid kept a "
+  "feasible pick: it backtracks from an all-inf table and returns an over-budget "
+  "pick or raises IndexError",
+)
 @pytest.mark.parametrize("costs_b", [{"c0": 21.5, "c1": 21.0}, {"c0": 22.5, "c1": 21.0}])
-def test_allocate_at_the_cheapest_budget_with_fractional_costs(costs_b):
+def test_allocate_at_exactly_the_cheapest_average_with_fractional_costs(costs_b):
   # the only feasible picks spend exactly the budget (22 bits); rounded up to the grid of
   # budget / 16384 they no longer fit
   sizes = {"a": 1, "b": 1}
@@ -147,6 +165,21 @@ def test_allocate_at_the_cheapest_budget_with_fractional_costs(costs_b):
   except ValueError:
     return  # refusing with a ValueError would be fine too
   assert _spent(got, costs) <= 22.0
+
+
+@pytest.mark.xfail(strict=True, reason="allocate accepts a budget within 1e-9 of the cheapest "
+                   "pick, but its table floors the budget: 15/11 * 11 = 14.999999999999998 "
+                   "leaves no feasible cell and backtracking raises IndexError")  # fmt: skip
+def test_allocate_at_exactly_the_cheapest_average_with_integer_costs():
+  sizes = {"a": 4, "b": 7}
+  costs = {"a": {"fast": 20, "lean": 5}, "b": {"fast": 20, "lean": 10}}
+  errors = {"a": {"fast": 0.0, "lean": 1.0}, "b": {"fast": 0.0, "lean": 1.0}}
+  avg_bits = 15 / 11  # the cheapest pick's average, as a caller would compute it
+  try:
+    got = mixed.allocate(sizes, errors, avg_bits, costs)
+  except ValueError:
+    return  # refusing with a ValueError would be fine too
+  assert got == {"a": "lean", "b": "lean"}
 
 
 @st.composite
@@ -201,10 +234,9 @@ def test_mixed_rules_put_exact_path_rules_in_front_of_the_base():
 PATH_CHARS = st.sampled_from(list("ab/_0.+*?()[]{}|^$\\-"))
 
 
-@given(st.lists(st.text(PATH_CHARS, min_size=1, max_size=12), min_size=1, max_size=4,
-                unique=True))  # fmt: skip
+@given(st.lists(st.text(PATH_CHARS, min_size=1, max_size=12), min_size=1, max_size=4, unique=True))
 def test_mixed_rules_match_their_own_path_only_whatever_its_characters(paths):
-  rules = mixed.mixed_rules({p: 8 for p in paths}, base=[Rule(".*", "int4:g128")])
+  rules = mixed.mixed_rules(dict.fromkeys(paths, 8), base=[Rule(".*", "int4:g128")])
   for i, p in enumerate(paths):
     assert rules[i].matches(p)
     for q in paths[:i] + paths[i + 1 :] + [p + "a", "a" + p, p[:-1]]:
@@ -212,9 +244,13 @@ def test_mixed_rules_match_their_own_path_only_whatever_its_characters(paths):
     assert jq.rules.first_match(p, rules) == i
 
 
-@given(st.dictionaries(st.sampled_from(["a", "b", "c", "d"]),
-                       st.tuples(st.sampled_from([4, 8, 16]), st.integers(1, 10_000)),
-                       min_size=1))  # fmt: skip
+@given(
+  st.dictionaries(
+    st.sampled_from(["a", "b", "c", "d"]),
+    st.tuples(st.sampled_from([4, 8, 16]), st.integers(1, 10_000)),
+    min_size=1,
+  )
+)
 def test_average_bits_is_the_size_weighted_mean_width(layers):
   bits = {p: b for p, (b, _) in layers.items()}
   sizes = {p: n for p, (_, n) in layers.items()}

@@ -39,8 +39,14 @@ def int_cases(draw):
     group = draw(st.sampled_from([d for d in range(1, n + 1) if n % d == 0]))
   scale_dtype = draw(st.sampled_from(["f32", "f16", "bf16"]))
   spec = jq.QuantSpec(fmt, gran, group, axis, symmetric, scale_dtype=scale_dtype)
-  reference = {"fmt": fmt, "granularity": gran, "axis": axis, "group": group,
-               "symmetric": symmetric, "scale_dtype": SCALE_DTYPES[scale_dtype]}  # fmt: skip
+  reference = {
+    "fmt": fmt,
+    "granularity": gran,
+    "axis": axis,
+    "group": group,
+    "symmetric": symmetric,
+    "scale_dtype": SCALE_DTYPES[scale_dtype],
+  }
   return x, spec, reference
 
 
@@ -93,7 +99,7 @@ def test_quantize_is_idempotent_on_its_own_grid(case):
   np.testing.assert_allclose(np.asarray(q1.scale), np.asarray(q2.scale), rtol=1e-6)
   # the re-derived scale may differ in the last bit (255 * (hi / 255) != hi in float32)
   np.testing.assert_allclose(
-      np.asarray(jq.dequantize(q1)), np.asarray(jq.dequantize(q2)), rtol=1e-6, atol=1e-30
+    np.asarray(jq.dequantize(q1)), np.asarray(jq.dequantize(q2)), rtol=1e-6, atol=1e-30
   )
 
 
@@ -105,7 +111,7 @@ def test_jit_and_eager_agree(case):
   for a, b in zip(jax.tree.leaves(eager), jax.tree.leaves(jitted)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   np.testing.assert_array_equal(
-      np.asarray(jq.fake_quant(x, spec)), np.asarray(jax.jit(lambda v: jq.fake_quant(v, spec))(x))
+    np.asarray(jq.fake_quant(x, spec)), np.asarray(jax.jit(lambda v: jq.fake_quant(v, spec))(x))
   )
 
 
@@ -113,7 +119,7 @@ def test_jit_and_eager_agree(case):
 def test_fake_quant_forward_equals_quantize_dequantize(case):
   x, spec, _ = case
   np.testing.assert_array_equal(
-      np.asarray(jq.fake_quant(x, spec)), np.asarray(jq.dequantize(jq.quantize(x, spec)))
+    np.asarray(jq.fake_quant(x, spec)), np.asarray(jq.dequantize(jq.quantize(x, spec)))
   )
 
 
@@ -143,9 +149,9 @@ def test_ste_gradient_zero_where_percentile_clips():
 
 
 @given(
-    hnp.array_shapes(min_dims=1, max_dims=3, max_side=5),
-    st.booleans(),
-    st.data(),
+  hnp.array_shapes(min_dims=1, max_dims=3, max_side=5),
+  st.booleans(),
+  st.data(),
 )
 def test_pack_unpack_is_a_bijection(shape, signed, data):
   lo, hi = (-8, 7) if signed else (0, 15)
@@ -161,7 +167,7 @@ def test_pack_unpack_is_a_bijection(shape, signed, data):
 def test_every_byte_unpacks_and_repacks_to_itself(signed):
   all_bytes = jnp.arange(256, dtype=jnp.uint8)[:, None]
   np.testing.assert_array_equal(
-      np.asarray(pack_4bit(unpack_4bit(all_bytes, 2, signed))[:, 0]), np.arange(256)
+    np.asarray(pack_4bit(unpack_4bit(all_bytes, 2, signed))[:, 0]), np.arange(256)
   )
 
 
@@ -172,11 +178,24 @@ def test_native_int4_round_trips_under_jit():
 
 
 def test_nf4_code_book_matches_the_published_levels():
-  published = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
-               -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
-               0.07958029955625534, 0.16093020141124725, 0.24611230194568634,
-               0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
-               0.7229568362236023, 1.0]  # fmt: skip
+  published = [
+    -1.0,
+    -0.6961928009986877,
+    -0.5250730514526367,
+    -0.39491748809814453,
+    -0.28444138169288635,
+    -0.18477343022823334,
+    -0.09105003625154495,
+    0.0,
+    0.07958029955625534,
+    0.16093020141124725,
+    0.24611230194568634,
+    0.33791524171829224,
+    0.44070982933044434,
+    0.5626170039176941,
+    0.7229568362236023,
+    1.0,
+  ]
   np.testing.assert_allclose(NF4_CODE, published, atol=2e-6)
 
 
@@ -205,12 +224,14 @@ def test_bf16_is_a_plain_cast():
   x = jax.random.normal(jax.random.key(0), (8, 8))
   q = jq.quantize(x, "bf16")
   assert q.scale is None and q.values.dtype == jnp.bfloat16
-  np.testing.assert_array_equal(np.asarray(jq.dequantize(q)), np.asarray(x.astype(jnp.bfloat16), np.float32))
+  np.testing.assert_array_equal(
+    np.asarray(jq.dequantize(q)), np.asarray(x.astype(jnp.bfloat16), np.float32)
+  )
   assert jnp.all(jax.grad(lambda v: jq.fake_quant(v, "bf16").sum())(x) == 1.0)
 
 
 def test_stochastic_rounding_is_unbiased_and_needs_a_key():
-  x = jnp.full((1, 20000), 0.3) .at[0, 0].set(1.0)  # scale = 1/127; 0.3 * 127 = 38.1
+  x = jnp.full((1, 20000), 0.3).at[0, 0].set(1.0)  # scale = 1/127; 0.3 * 127 = 38.1
   q = jq.quantize(x, "int8:token:stochastic", key=jax.random.key(0))
   c = np.asarray(codes(q))[0, 1:]
   assert set(np.unique(c)) == {38, 39}

@@ -24,17 +24,17 @@ def _rel(a, b):
 
 
 @pytest.mark.parametrize(
-    "w_spec, a_spec, lowering, tol",
-    [
-        ("int8", "int8:token", "int8", 0.012),
-        ("int8", "int8:tensor", "int8", 0.02),
-        ("int8", None, "dequant", 0.008),
-        ("int8:asym", "int8:token", "dequant", 0.012),
-        ("int4:g16", None, "dequant", 0.1),
-        ("int4:g16:asym", "int8:token", "dequant", 0.1),
-        ("nf4:g16", None, "dequant", 0.1),
-        ("fp8_e4m3", None, "dequant", 0.05),
-    ],
+  "w_spec, a_spec, lowering, tol",
+  [
+    ("int8", "int8:token", "int8", 0.012),
+    ("int8", "int8:tensor", "int8", 0.02),
+    ("int8", None, "dequant", 0.008),
+    ("int8:asym", "int8:token", "dequant", 0.012),
+    ("int4:g16", None, "dequant", 0.1),
+    ("int4:g16:asym", "int8:token", "dequant", 0.1),
+    ("nf4:g16", None, "dequant", 0.1),
+    ("fp8_e4m3", None, "dequant", 0.05),
+  ],
 )
 def test_each_lowering_matches_float_and_fake_mode(xw, w_spec, a_spec, lowering, tol):
   x, w = xw
@@ -48,9 +48,11 @@ def test_each_lowering_matches_float_and_fake_mode(xw, w_spec, a_spec, lowering,
 
 def test_int8_path_is_integer_in_the_stablehlo(xw):
   x, w = xw
-  text = jax.jit(lambda x, q: ops.qdot_general(x, q, DENSE, lhs_spec="int8:token")).lower(
-      x, jq.quantize(w, "int8")
-  ).as_text()
+  text = (
+    jax.jit(lambda x, q: ops.qdot_general(x, q, DENSE, lhs_spec="int8:token"))
+    .lower(x, jq.quantize(w, "int8"))
+    .as_text()
+  )
   dots = [line for line in text.splitlines() if "stablehlo.dot_general" in line]
   assert len(dots) == 1
   assert "tensor<4x7x64xi8>, tensor<64x32xi8>) -> tensor<4x7x32xi32>" in dots[0]
@@ -58,9 +60,11 @@ def test_int8_path_is_integer_in_the_stablehlo(xw):
 
 def test_weight_only_int4_unpacks_in_the_graph(xw):
   x, w = xw
-  text = jax.jit(lambda x, q: ops.qdot_general(x, q, DENSE)).lower(
-      x, jq.quantize(w, "int4:g16")
-  ).as_text()
+  text = (
+    jax.jit(lambda x, q: ops.qdot_general(x, q, DENSE))
+    .lower(x, jq.quantize(w, "int4:g16"))
+    .as_text()
+  )
   assert "tensor<64x16xui8>" in text  # packed codes enter the computation
   assert "f32>) -> tensor<4x7x32xf32>" in text
 
@@ -76,28 +80,35 @@ def test_static_activation_scale_is_used(xw):
 
 def test_gradients_flow_in_fake_mode(xw):
   x, w = xw
-  g = jax.grad(lambda w: ops.qdot_general(x, w, DENSE, lhs_spec="int8:token", rhs_spec="int4:g16",
-                                          mode="fake").sum())(w)  # fmt: skip
+  g = jax.grad(
+    lambda w: ops.qdot_general(
+      x, w, DENSE, lhs_spec="int8:token", rhs_spec="int4:g16", mode="fake"
+    ).sum()
+  )(w)
   assert g.shape == w.shape and float(jnp.abs(g).sum()) > 0
 
 
 @pytest.mark.parametrize(
-    "eq, lshape, rshape",
-    [
-        ("btd,dk->btk", (2, 5, 16), (16, 8)),
-        ("btd,dhk->bthk", (2, 5, 16), (16, 4, 8)),
-        ("bthk,hkd->btd", (2, 5, 4, 8), (4, 8, 16)),
-        ("...d,dk->...k", (3, 2, 16), (16, 8)),
-        ("bd,kd->bk", (6, 16), (8, 16)),
-    ],
+  "eq, lshape, rshape",
+  [
+    ("btd,dk->btk", (2, 5, 16), (16, 8)),
+    ("btd,dhk->bthk", (2, 5, 16), (16, 4, 8)),
+    ("bthk,hkd->btd", (2, 5, 4, 8), (4, 8, 16)),
+    ("...d,dk->...k", (3, 2, 16), (16, 8)),
+    ("bd,kd->bk", (6, 16), (8, 16)),
+  ],
 )
 def test_qeinsum_matches_jnp_einsum(eq, lshape, rshape):
   a = jax.random.normal(jax.random.key(2), lshape)
   b = jax.random.normal(jax.random.key(3), rshape)
-  np.testing.assert_allclose(np.asarray(ops.qeinsum(eq, a, b)), np.asarray(jnp.einsum(eq, a, b)),
-                             rtol=1e-5, atol=1e-5)  # fmt: skip
-  axis = eq.split("->")[0].split(",")[1].index(next(c for c in eq.split(",")[1].split("->")[0]
-                                                     if c in eq.split("->")[1]))  # fmt: skip
+  np.testing.assert_allclose(
+    np.asarray(ops.qeinsum(eq, a, b)), np.asarray(jnp.einsum(eq, a, b)), rtol=1e-5, atol=1e-5
+  )
+  axis = (
+    eq.split("->")[0]
+    .split(",")[1]
+    .index(next(c for c in eq.split(",")[1].split("->")[0] if c in eq.split("->")[1]))
+  )
   q = jq.quantize(b, jq.QuantSpec("int8", axis=axis))
   out = ops.qeinsum(eq, a, q, lhs_spec="int8:token")
   assert _rel(out, jnp.einsum(eq, a, b)) < 0.02
@@ -110,12 +121,14 @@ def test_qconv_int8_and_dequant(a_spec, lowering):
   dn = ("NHWC", "HWIO", "NHWC")
   ref = jax.lax.conv_general_dilated(img, k, (1, 1), "SAME", dimension_numbers=dn)
   q = jq.quantize(k, "int8")
-  serve = jax.jit(lambda a, q: ops.qconv(a, q, (1, 1), "SAME", dimension_numbers=dn,
-                                         lhs_spec=a_spec))  # fmt: skip
+  serve = jax.jit(
+    lambda a, q: ops.qconv(a, q, (1, 1), "SAME", dimension_numbers=dn, lhs_spec=a_spec)
+  )
   out = serve(img, q)
   assert _rel(out, ref) < 0.02
-  fake = ops.qconv(img, k, (1, 1), "SAME", dimension_numbers=dn, lhs_spec=a_spec, rhs_spec="int8",
-                   mode="fake")  # fmt: skip
+  fake = ops.qconv(
+    img, k, (1, 1), "SAME", dimension_numbers=dn, lhs_spec=a_spec, rhs_spec="int8", mode="fake"
+  )
   np.testing.assert_allclose(np.asarray(out), np.asarray(fake), rtol=1e-5, atol=1e-5)
   text = serve.lower(img, q).as_text()
   assert ("xi8>) -> tensor<2x9x9x16xi32>" in text) == (lowering == "int8")

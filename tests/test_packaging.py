@@ -1,7 +1,8 @@
 """The wheel ships every subpackage and the recipes (a non-editable install works)."""
 
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -13,4 +14,6 @@ def test_every_subpackage_is_listed_for_the_wheel():
   found = {".".join(p.parent.relative_to(ROOT).parts) for p in inits}
   assert found <= listed, f"add {sorted(found - listed)} to [tool.setuptools] packages"
   assert "*.yaml" in config["package-data"]["jaxquant.recipes"]
-  assert list((ROOT / "jaxquant" / "recipes").glob("*.yaml")), "the recipes ship beside their loader"
+  assert list((ROOT / "jaxquant" / "recipes").glob("*.yaml")), (
+    "the recipes ship beside their loader"
+  )

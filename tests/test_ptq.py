@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 import jaxquant as jq
+from jaxquant import flax as jqf
 from jaxquant import mixed
 from jaxquant.apps import evaluate
-from jaxquant import flax as jqf
 from jaxquant.numerics import codes, quantization_error
 from jaxquant.ptq import gptq as gptq_mod
 from jaxquant.ptq.hqq import hqq_quantize
@@ -57,15 +57,24 @@ def reference_gptq(w, h, spec, damp=0.01, act_order=False):
 
 
 @pytest.mark.parametrize(
-    "spec, act_order, block",
-    [("int4:g16:asym", False, 16), ("int4:g16", True, 32), ("int8", True, 8), ("int4", False, 64),
-     ("int4:g16:asym:mse:scale=f16", True, 16)],
+  "spec, act_order, block",
+  [
+    ("int4:g16:asym", False, 16),
+    ("int4:g16", True, 32),
+    ("int8", True, 8),
+    ("int4", False, 64),
+    ("int4:g16:asym:mse:scale=f16", True, 16),
+  ],
 )
 def test_gptq_matches_a_direct_numpy_implementation(spec, act_order, block):
   x, w = _layer()
   h = x.T.astype(np.float64) @ x
-  q, _ = gptq_mod.gptq_quantize(w, h, spec, gptq_mod.GPTQConfig(act_order=act_order, block_size=block))
-  np.testing.assert_array_equal(np.asarray(codes(q)), reference_gptq(w, h, spec, act_order=act_order))
+  q, _ = gptq_mod.gptq_quantize(
+    w, h, spec, gptq_mod.GPTQConfig(act_order=act_order, block_size=block)
+  )
+  np.testing.assert_array_equal(
+    np.asarray(codes(q)), reference_gptq(w, h, spec, act_order=act_order)
+  )
 
 
 @pytest.mark.parametrize("spec", ["int4:g16:asym", "int4:g16", "int8"])
@@ -134,13 +143,17 @@ def test_folding_and_input_scales_leave_the_float_model_unchanged():
   params = minilm.load_params()
   groups = minilm.smoothing_groups()
   rng = np.random.default_rng(0)
-  scales = {i: rng.uniform(0.5, 2.0, 384 if "output/dense" not in g.layers[0]
-                                        or "attention" in g.layers[0] else 1536)
-            for i, g in enumerate(groups)}  # fmt: skip
+  scales = {
+    i: rng.uniform(
+      0.5, 2.0, 384 if "output/dense" not in g.layers[0] or "attention" in g.layers[0] else 1536
+    )
+    for i, g in enumerate(groups)
+  }
   smoothed = apply_smoothing(params, groups, scales)
   assert "input_scale" in smoothed["encoder"]["layer_0"]["output"]["dense"]
-  batch = evaluate.minilm_batches(["The quick brown fox jumps over the lazy dog.",
-                                      "Return a new view of the dictionary's keys."])[0]  # fmt: skip
+  batch = evaluate.minilm_batches(
+    ["The quick brown fox jumps over the lazy dog.", "Return a new view of the dictionary's keys."]
+  )[0]
   model = jqf.quantize_model(minilm.MiniLM(), [], "fake")  # runs the layers through the seams
   ref = minilm.MiniLM().apply({"params": params}, *batch)
   out = model.apply({"params": smoothed}, *batch)
@@ -149,8 +162,9 @@ def test_folding_and_input_scales_leave_the_float_model_unchanged():
 
 def test_fold_kinds_are_validated():
   with pytest.raises(ValueError, match="Unknown fold kind"):
-    apply_smoothing({"a": {"kernel": jnp.ones((2, 2))}}, [SmoothGroup(("a/kernel",), ("x", "b"))],
-                    {0: np.ones(2)})  # fmt: skip
+    apply_smoothing(
+      {"a": {"kernel": jnp.ones((2, 2))}}, [SmoothGroup(("a/kernel",), ("x", "b"))], {0: np.ones(2)}
+    )
 
 
 # --------------------------------------------------------------------------- HQQ
@@ -172,8 +186,11 @@ def test_hqq_needs_an_asymmetric_integer_spec():
 # --------------------------------------------------------------------------- mixed
 def test_allocation_meets_the_budget_and_spends_it_where_it_pays():
   sizes = {"a": 100, "b": 100, "c": 200}
-  errors = {"a": {4: 10.0, 8: 1.0, 16: 0.0}, "b": {4: 1.0, 8: 0.9, 16: 0.0},
-            "c": {4: 5.0, 8: 0.5, 16: 0.0}}  # fmt: skip
+  errors = {
+    "a": {4: 10.0, 8: 1.0, 16: 0.0},
+    "b": {4: 1.0, 8: 0.9, 16: 0.0},
+    "c": {4: 5.0, 8: 0.5, 16: 0.0},
+  }
   bits = mixed.allocate(sizes, errors, avg_bits=5.0)
   assert mixed.average_bits(bits, sizes) <= 5.0
   assert bits == {"a": 8, "b": 4, "c": 4}  # a buys the most error per bit
@@ -184,8 +201,9 @@ def test_allocation_meets_the_budget_and_spends_it_where_it_pays():
 
 
 def test_mixed_rules_are_an_ordinary_editable_rule_list():
-  rules = mixed.mixed_rules({"enc/layer_0/q/kernel": 8, "enc/layer_1/q/kernel": 4},
-                            base=jq.default_rules("int4:g16"))  # fmt: skip
+  rules = mixed.mixed_rules(
+    {"enc/layer_0/q/kernel": 8, "enc/layer_1/q/kernel": 4}, base=jq.default_rules("int4:g16")
+  )
   params = {"enc": {f"layer_{i}": {"q": {"kernel": jnp.ones((32, 32))}} for i in range(2)}}
   p = jq.plan(params, rules)
   specs = {r.path: str(r.spec) for r in p.rows}
@@ -209,7 +227,9 @@ def test_a_mixed_result_resolves_to_a_gptq_recipe_that_reproduces_it(tmp_path):
   again = jq.load_recipe(str(tmp_path / "chosen.yaml"))
   assert (again.steps, again.rules) == (fixed.steps, fixed.rules)
   plain = jq.load_recipe("w4g128-gptq")
-  assert resolved_recipe(plain, Quantized({}, plain.rules, jq.plan({}, plain.rules), {}, {})) is plain
+  assert (
+    resolved_recipe(plain, Quantized({}, plain.rules, jq.plan({}, plain.rules), {}, {})) is plain
+  )
 
 
 def test_allocation_is_the_exact_knapsack_optimum_under_stored_bits():
@@ -219,8 +239,10 @@ def test_allocation_is_the_exact_knapsack_optimum_under_stored_bits():
   sizes = {f"l{i}": int(n) for i, n in enumerate(rng.integers(1, 5, 6) * 4096)}
   choices = ("int4:g128:asym", "int4:g32:asym", "int8", "bf16")
   costs = {p: {c: mixed.stored_bits(c, (128, n // 128)) for c in choices} for p, n in sizes.items()}
-  errors = {p: dict(zip(choices, np.sort(rng.exponential(size=4))[::-1] * rng.uniform(1, 50)))
-            for p in sizes}  # fmt: skip
+  errors = {
+    p: dict(zip(choices, np.sort(rng.exponential(size=4))[::-1] * rng.uniform(1, 50)))
+    for p in sizes
+  }
   got = mixed.allocate(sizes, errors, 6.0, costs)
   budget = 6.0 * sum(sizes.values())
   spent = lambda pick: sum(costs[p][c] for p, c in pick.items())
@@ -236,8 +258,10 @@ def test_allocation_spends_the_budget_on_the_sensitive_layer():
   sizes = {"quiet": 1 << 14, "loud": 1 << 14}
   choices = ("int4:g128:asym", "int8")
   costs = {p: {c: mixed.stored_bits(c, (128, 128)) for c in choices} for p in sizes}
-  errors = {"quiet": {"int4:g128:asym": 1.0, "int8": 0.01},
-            "loud": {"int4:g128:asym": 50.0, "int8": 0.5}}  # fmt: skip
+  errors = {
+    "quiet": {"int4:g128:asym": 1.0, "int8": 0.01},
+    "loud": {"int4:g128:asym": 50.0, "int8": 0.5},
+  }
   assert mixed.allocate(sizes, errors, 6.5, costs) == {"quiet": "int4:g128:asym", "loud": "int8"}
   assert mixed.stored_bits("int4:g128:asym", (128, 128)) == 4.3125 * 128 * 128
 
@@ -247,8 +271,12 @@ def test_awq_group_search_lowers_the_summed_output_error_of_layers_sharing_an_in
   w2 = np.random.default_rng(5).normal(size=w1.shape).astype(np.float32) * 0.1
   spec = jq.QuantSpec.parse("int4:g16:asym")
   s, _, ratio = awq_search(x, np.mean(np.abs(x), 0), [w1, w2], spec)
-  err = lambda s: sum(float(np.sum((x @ w - (x / s) @ np.asarray(jq.dequantize(jq.quantize(w * s[:, None], spec)))) ** 2))
-                      for w in (w1, w2))  # fmt: skip
+  err = lambda s: sum(
+    float(
+      np.sum((x @ w - (x / s) @ np.asarray(jq.dequantize(jq.quantize(w * s[:, None], spec)))) ** 2)
+    )
+    for w in (w1, w2)
+  )
   assert err(s) == pytest.approx(ratio * err(np.ones(64, np.float32)), rel=1e-3)
   assert err(s) < 0.9 * err(np.ones(64, np.float32))
 
@@ -295,8 +323,10 @@ def test_awq_recipe_beats_round_to_nearest_on_the_model_output():
 
   def err(result):
     fq = jqf.quantize_model(model, result.rules, "serve")
-    return sum(float(jnp.sum((fq.apply({"params": result.qparams}, *b) - r) ** 2))
-               for b, r in zip(batches, ref))  # fmt: skip
+    return sum(
+      float(jnp.sum((fq.apply({"params": result.qparams}, *b) - r) ** 2))
+      for b, r in zip(batches, ref)
+    )
 
   data = jq.ptq.CalibrationSet(model, batches)
   awq = apply_recipe(jq.Recipe("awq", rules, steps=(("awq", {}), ("awq_clip", {}))), params, data)

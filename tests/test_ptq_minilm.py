@@ -30,8 +30,20 @@ def test_gptq_checkpoint_round_trip_through_the_cli(tmp_path, monkeypatch):
   text = tmp_path / "s.txt"
   sentences = data.evaluation_sentences(32)
   data.write_sentences(text, sentences)
-  assert cli.main(["embed", "--checkpoint", str(out), "--sentences", str(text),
-                   "--out", str(tmp_path / "e.npy")]) == 0  # fmt: skip
+  assert (
+    cli.main(
+      [
+        "embed",
+        "--checkpoint",
+        str(out),
+        "--sentences",
+        str(text),
+        "--out",
+        str(tmp_path / "e.npy"),
+      ]
+    )
+    == 0
+  )
   reference = evaluate.minilm_encoder("fp32").encode(sentences)
   got = np.load(tmp_path / "e.npy")
   gptq = evaluate.cosine(reference, got).mean()
@@ -45,15 +57,25 @@ def test_mixed_precision_chooses_widths_under_the_budget(params):
   recipe = load_recipe("mixed:avg_bits=5")
   batches = evaluate.minilm_batches(data.calibration_sentences(32), batch_size=16)
   choices = ("int4:g128:asym", "int8", "bf16")  # one GPTQ per layer: quick
-  rules, info = choose_mixed_rules(minilm.MiniLM(), params, recipe.rules, batches, 5.0,
-                                   sensitivity="hessian", choices=choices,
-                                   row_mask=lambda batch: batch[1])  # fmt: skip
+  rules, info = choose_mixed_rules(
+    minilm.MiniLM(),
+    params,
+    recipe.rules,
+    batches,
+    5.0,
+    sensitivity="hessian",
+    choices=choices,
+    row_mask=lambda batch: batch[1],
+  )
   assert info["average_bits"] <= 5.0 and set(info["specs"].values()) <= set(choices)
   assert len(info["specs"]) == 36 and set(info["specs"].values()) != {"int4:g128:asym"}
   specs = {r.path: str(r.spec) for r in plan(params, rules).quantized}
   assert all(specs[p] == c for p, c in info["specs"].items())
-  stored = sum(mixed.stored_bits(c, np.shape(w)) for p, w in named_leaves(params)
-               if (c := info["specs"].get(p)))  # fmt: skip
+  stored = sum(
+    mixed.stored_bits(c, np.shape(w))
+    for p, w in named_leaves(params)
+    if (c := info["specs"].get(p))
+  )
   assert stored / sum(np.size(w) for p, w in named_leaves(params) if p in specs) <= 5.0
 
 
@@ -61,11 +83,26 @@ def test_hqq_recipe_works_on_any_safetensors_file(tmp_path):
   from safetensors.numpy import save_file
 
   f = tmp_path / "w.safetensors"
-  save_file({"lin.weight": np.random.default_rng(0).normal(size=(32, 128)).astype(np.float32)},
-            str(f))  # fmt: skip
+  save_file(
+    {"lin.weight": np.random.default_rng(0).normal(size=(32, 128)).astype(np.float32)}, str(f)
+  )
   out = tmp_path / "q"
-  assert cli.main(["quantize", "--model", str(f), "--layout", "torch", "--recipe", "w4g64-hqq",
-                   "--out", str(out)]) == 0  # fmt: skip
+  assert (
+    cli.main(
+      [
+        "quantize",
+        "--model",
+        str(f),
+        "--layout",
+        "torch",
+        "--recipe",
+        "w4g64-hqq",
+        "--out",
+        str(out),
+      ]
+    )
+    == 0
+  )
   q = io.load(out)["lin"]["kernel"]
   assert str(q.spec) == "int4:g64:asym" and q.zero_point.dtype == np.float32
 
@@ -75,15 +112,19 @@ def test_data_driven_recipes_need_a_runnable_model(tmp_path, capsys):
 
   f = tmp_path / "w.safetensors"
   save_file({"lin.weight": np.ones((128, 128), np.float32)}, str(f))
-  assert cli.main(["quantize", "--model", str(f), "--recipe", "w4g128-gptq", "--out",
-                   str(tmp_path / "q")]) == 2  # fmt: skip
+  assert (
+    cli.main(
+      ["quantize", "--model", str(f), "--recipe", "w4g128-gptq", "--out", str(tmp_path / "q")]
+    )
+    == 2
+  )
   assert "needs a runnable model" in capsys.readouterr().out
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "recipe, floor",
-    [("w4g128-gptq", 0.985), ("w4g128-awq", 0.98), ("mixed:avg_bits=5", 0.995)],
+  "recipe, floor",
+  [("w4g128-gptq", 0.985), ("w4g128-awq", 0.98), ("mixed:avg_bits=5", 0.995)],
 )
 def test_ptq_fidelity_targets(params, recipe, floor):
   sentences = data.evaluation_sentences(512)

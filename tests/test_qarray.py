@@ -23,9 +23,7 @@ def test_passes_through_jit_unchanged(x, spec):
   out = jax.jit(lambda a: a)(q)
   assert isinstance(out, jq.QArray) and out.spec == q.spec and out.shape == q.shape
   np.testing.assert_array_equal(np.asarray(jq.dequantize(out)), np.asarray(jq.dequantize(q)))
-  np.testing.assert_array_equal(
-      np.asarray(jax.jit(jq.dequantize)(q)), np.asarray(jq.dequantize(q))
-  )
+  np.testing.assert_array_equal(np.asarray(jax.jit(jq.dequantize)(q)), np.asarray(jq.dequantize(q)))
 
 
 def test_metadata_is_static_and_children_are_arrays(x):
@@ -44,7 +42,7 @@ def test_vmap_quantizes_each_slice_like_a_loop(spec):
   batched = jax.vmap(jq.dequantize)(qs)
   for i in range(3):
     np.testing.assert_array_equal(
-        np.asarray(batched[i]), np.asarray(jq.dequantize(jq.quantize(xs[i], spec)))
+      np.asarray(batched[i]), np.asarray(jq.dequantize(jq.quantize(xs[i], spec)))
     )
 
 
@@ -53,7 +51,7 @@ def test_tree_map_and_stacking_keep_the_metadata(x):
   stacked = jax.tree.map(lambda *a: jnp.stack(a), *qs)
   assert stacked.spec == qs[0].spec and stacked.values.shape[0] == 2
   np.testing.assert_allclose(
-      np.asarray(jax.vmap(jq.dequantize)(stacked)[1]), np.asarray(jq.dequantize(qs[1]))
+    np.asarray(jax.vmap(jq.dequantize)(stacked)[1]), np.asarray(jq.dequantize(qs[1]))
   )
 
 
@@ -77,16 +75,16 @@ def mesh():
 
 
 @pytest.mark.parametrize(
-    "spec, pspec",
-    [
-        ("int8", P("data", "model")),
-        ("int8", P(None, "model")),
-        ("int4:g16", P("data", "model")),
-        ("int4:g16:asym", P("model", None)),
-        ("nf4:g8", P(None, "model")),
-        ("int8:token", P("data", None)),
-        ("fp8_e4m3:tensor", P("data", "model")),
-    ],
+  "spec, pspec",
+  [
+    ("int8", P("data", "model")),
+    ("int8", P(None, "model")),
+    ("int4:g16", P("data", "model")),
+    ("int4:g16:asym", P("model", None)),
+    ("nf4:g8", P(None, "model")),
+    ("int8:token", P("data", None)),
+    ("fp8_e4m3:tensor", P("data", "model")),
+  ],
 )
 def test_named_sharding_is_kept_consistently(mesh, spec, pspec):
   x = jax.random.normal(jax.random.key(2), (64, 128))
@@ -125,11 +123,11 @@ def test_quantize_and_dequantize_lower_for_cpu_cuda_and_tpu(spec):
 
   x = jax.ShapeDtypeStruct((64, 32), jnp.float32)
   exported = export.export(
-      jax.jit(lambda a: jq.dequantize(jq.quantize(a, spec))), platforms=("cpu", "cuda", "tpu")
+    jax.jit(lambda a: jq.dequantize(jq.quantize(a, spec))), platforms=("cpu", "cuda", "tpu")
   )(x)
   assert exported.platforms == ("cpu", "cuda", "tpu")
   restored = export.deserialize(exported.serialize())
   a = jax.random.normal(jax.random.key(4), (64, 32))
   np.testing.assert_array_equal(
-      np.asarray(restored.call(a)), np.asarray(jq.dequantize(jq.quantize(a, spec)))
+    np.asarray(restored.call(a)), np.asarray(jq.dequantize(jq.quantize(a, spec)))
   )

@@ -13,16 +13,48 @@ import jaxquant as jq
 from jaxquant.rules import Rule, default_rules, first_match
 from jaxquant.transforms import selection
 
-SPEC_STRINGS = [None, "int8", "int8:token", "int4:g128:asym", "int4:g128:asym:mse:scale=f16",
-                "nf4:g64", "fp8_e4m3", "bf16", "uint8:tensor"]  # fmt: skip
-SEGMENTS = ["encoder", "decoder", "layer_0", "layer_1", "attn", "mlp", "query", "embed",
-            "word_embeddings", "kernel", "bias", "scale"]  # fmt: skip
-PATTERNS = [".*", "kernel", "kernel$", "^encoder/", "layer_[01]", "embed", r"(^|/)attn(/|$)",
-            "query|mlp", "^decoder/layer_1/mlp/kernel$", "bias$", "nothing"]  # fmt: skip
+SPEC_STRINGS = [
+  None,
+  "int8",
+  "int8:token",
+  "int4:g128:asym",
+  "int4:g128:asym:mse:scale=f16",
+  "nf4:g64",
+  "fp8_e4m3",
+  "bf16",
+  "uint8:tensor",
+]
+SEGMENTS = [
+  "encoder",
+  "decoder",
+  "layer_0",
+  "layer_1",
+  "attn",
+  "mlp",
+  "query",
+  "embed",
+  "word_embeddings",
+  "kernel",
+  "bias",
+  "scale",
+]
+PATTERNS = [
+  ".*",
+  "kernel",
+  "kernel$",
+  "^encoder/",
+  "layer_[01]",
+  "embed",
+  r"(^|/)attn(/|$)",
+  "query|mlp",
+  "^decoder/layer_1/mlp/kernel$",
+  "bias$",
+  "nothing",
+]
 
 paths = st.lists(st.sampled_from(SEGMENTS), min_size=1, max_size=5).map("/".join)
 rules_lists = st.lists(
-    st.builds(Rule, st.sampled_from(PATTERNS), st.sampled_from(SPEC_STRINGS)), max_size=6
+  st.builds(Rule, st.sampled_from(PATTERNS), st.sampled_from(SPEC_STRINGS)), max_size=6
 )
 
 
@@ -59,8 +91,13 @@ def test_batch_dims_must_be_a_non_negative_int(batch_dims):
   assert "'layers'" in str(e.value)
 
 
-@given(st.sampled_from(PATTERNS), st.sampled_from(SPEC_STRINGS), st.sampled_from(SPEC_STRINGS),
-       st.booleans(), st.integers(0, 3))  # fmt: skip
+@given(
+  st.sampled_from(PATTERNS),
+  st.sampled_from(SPEC_STRINGS),
+  st.sampled_from(SPEC_STRINGS),
+  st.booleans(),
+  st.integers(0, 3),
+)
 def test_to_dict_round_trips(pattern, weight, act, expect_match, batch_dims):
   rule = Rule(pattern, weight, act, expect_match, batch_dims)
   d = rule.to_dict()
@@ -100,8 +137,12 @@ def test_default_rules_keep_embeddings_and_quantize_kernels():
   assert len(rules) == 2
   assert rules[0].weight is None and rules[0].expect_match is False
   assert rules[1].weight == jq.QuantSpec.parse("int8") and rules[1].expect_match is True
-  for path in ["embed/embedding", "bert/word_embeddings/embedding", "token_embedder/embedding",
-               "model/embed_tokens/weight"]:  # fmt: skip
+  for path in [
+    "embed/embedding",
+    "bert/word_embeddings/embedding",
+    "token_embedder/embedding",
+    "model/embed_tokens/weight",
+  ]:
     assert first_match(path, rules) == 0, path
   for path in ["encoder/layer_0/query/kernel", "mlp/dense/kernel", "lm_head/kernel"]:
     assert first_match(path, rules) == 1, path
@@ -123,16 +164,16 @@ def test_selection_keeps_what_is_not_a_contraction_weight():
   rules = [Rule(r"kept/", None), Rule(".*", "int8")]
   spec = jq.QuantSpec.parse("int8")
   cases = {
-      "dense/kernel": (jnp.ones((8, 4)), (1, spec, "")),
-      "dense/bias": (jnp.ones(4), (1, None, "kept (<2 dims)")),
-      "general/bias": (jnp.ones((2, 4)), (1, None, "kept (bias or norm)")),
-      "norm/scale": (jnp.ones(8), (1, None, "kept (<2 dims)")),
-      "norm2d/scale": (jnp.ones((2, 8)), (1, None, "kept (bias or norm)")),
-      "bn/mean": (jnp.ones((2, 8)), (1, None, "kept (bias or norm)")),
-      "step": (jnp.ones(()), (1, None, "kept (<2 dims)")),
-      "ids/table": (jnp.ones((8, 4), jnp.int32), (1, None, "kept (int32)")),
-      "mask/kernel": (jnp.ones((8, 4), bool), (1, None, "kept (bool)")),
-      "kept/kernel": (jnp.ones((8, 4)), (0, None, "kept by rule")),
+    "dense/kernel": (jnp.ones((8, 4)), (1, spec, "")),
+    "dense/bias": (jnp.ones(4), (1, None, "kept (<2 dims)")),
+    "general/bias": (jnp.ones((2, 4)), (1, None, "kept (bias or norm)")),
+    "norm/scale": (jnp.ones(8), (1, None, "kept (<2 dims)")),
+    "norm2d/scale": (jnp.ones((2, 8)), (1, None, "kept (bias or norm)")),
+    "bn/mean": (jnp.ones((2, 8)), (1, None, "kept (bias or norm)")),
+    "step": (jnp.ones(()), (1, None, "kept (<2 dims)")),
+    "ids/table": (jnp.ones((8, 4), jnp.int32), (1, None, "kept (int32)")),
+    "mask/kernel": (jnp.ones((8, 4), bool), (1, None, "kept (bool)")),
+    "kept/kernel": (jnp.ones((8, 4)), (0, None, "kept by rule")),
   }
   for path, (value, expected) in cases.items():
     assert selection(path, value, rules) == expected, path
@@ -142,8 +183,10 @@ def test_selection_keeps_what_is_not_a_contraction_weight():
 
 
 def test_plan_rows_carry_the_notes_and_bytes():
-  params = {"dense": {"kernel": jnp.ones((64, 32)), "bias": jnp.zeros(32)},
-            "ids": jnp.zeros((4, 4), jnp.int32)}  # fmt: skip
+  params = {
+    "dense": {"kernel": jnp.ones((64, 32)), "bias": jnp.zeros(32)},
+    "ids": jnp.zeros((4, 4), jnp.int32),
+  }
   spec = jq.QuantSpec.parse("int4:g32")
   p = jq.plan(params, [Rule(".*", spec)])
   rows = {r.path: r for r in p.rows}

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 import jaxquant as jq
-from jaxquant import flax as jqf
 from jaxquant import export as serving
+from jaxquant import flax as jqf
 from jaxquant.apps.cli import main
 from jaxquant.apps.models.decoder import Decoder, DecoderConfig
 from jaxquant.ops import serving_layout
@@ -31,8 +31,13 @@ def test_export_reload_gives_identical_outputs_on_cpu(decoder, recipe, tmp_path)
   rules = jq.load_recipe(recipe).rules
   fn = jax.jit(jqf.quantize_model(model, rules, "serve").apply)
   variables = {"params": serving_layout(jq.quantize_params(params, rules))}  # codes [out, in]
-  out = serving.export_serve(tmp_path / "art", fn, variables,
-                             serving.symbolic_inputs("b, t", [jnp.int32]), metadata={"r": recipe})
+  out = serving.export_serve(
+    tmp_path / "art",
+    fn,
+    variables,
+    serving.symbolic_inputs("b, t", [jnp.int32]),
+    metadata={"r": recipe},
+  )
   assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]  # no temporary folder left
   served = serving.load_exported(out)
   assert served.platforms == ("cpu", "cuda", "tpu")
@@ -40,8 +45,9 @@ def test_export_reload_gives_identical_outputs_on_cpu(decoder, recipe, tmp_path)
   assert manifest["platforms"] == ["cpu", "cuda", "tpu"] and not manifest["params_embedded"]
   assert manifest["inputs"] == [{"shape": ["b", "t"], "dtype": "int32"}]
   for x in (tokens, tokens[:1, :5]):  # symbolic batch and length: one artifact, any shape
-    np.testing.assert_allclose(np.asarray(served(x)), np.asarray(fn(variables, x)),
-                               rtol=0, atol=1e-6)  # fmt: skip
+    np.testing.assert_allclose(
+      np.asarray(served(x)), np.asarray(fn(variables, x)), rtol=0, atol=1e-6
+    )
   program = (out / serving.PROGRAM).stat().st_size
   assert program < (out / serving.PARAMS).stat().st_size  # params are arguments, not constants
 
@@ -62,8 +68,19 @@ def test_load_rejects_a_folder_that_is_not_an_export(tmp_path):
 
 def test_cli_exports_the_decoder(tmp_path, capsys):
   out = tmp_path / "dec"
-  code = main(["export", "--model", "decoder", "--recipe", "w8a8", "--config",
-               "dim=32,layers=1,heads=2,mlp=64", "--out", str(out)])  # fmt: skip
+  code = main(
+    [
+      "export",
+      "--model",
+      "decoder",
+      "--recipe",
+      "w8a8",
+      "--config",
+      "dim=32,layers=1,heads=2,mlp=64",
+      "--out",
+      str(out),
+    ]
+  )
   assert code == 0
   assert "exported for cpu, cuda, tpu" in capsys.readouterr().out
   served = serving.load_exported(out)
@@ -83,7 +100,8 @@ def test_cli_exports_minilm_embeddings(tmp_path):
   assert served.platforms == ("cpu", "cuda", "tpu")
   encoder = evaluate.minilm_encoder("w8a8")
   batch = minilm.tokenize(minilm.load_tokenizer(), ["An exported encoder.", "Same numbers."])
-  args = [jnp.asarray(batch[k], jnp.int32)
-          for k in ("input_ids", "attention_mask", "token_type_ids")]  # fmt: skip
+  args = [
+    jnp.asarray(batch[k], jnp.int32) for k in ("input_ids", "attention_mask", "token_type_ids")
+  ]
   ref = minilm.sentence_embedding_fn(encoder.apply_fn)(encoder.variables, *args)
   np.testing.assert_allclose(np.asarray(served(*args)), np.asarray(ref), rtol=0, atol=1e-6)

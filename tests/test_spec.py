@@ -35,20 +35,24 @@ def test_string_form_round_trips(spec):
 
 
 @pytest.mark.parametrize(
-    "text, expected",
-    [
-        ("int8", QuantSpec("int8", "channel")),
-        ("int8:token", QuantSpec("int8", "token")),
-        ("int4:g128:asym", QuantSpec("int4", "group", 128, symmetric=False)),
-        ("nf4:g64", QuantSpec("nf4", "group", 64)),
-        ("fp8_e4m3:tensor", QuantSpec("fp8_e4m3", "tensor")),
-        ("uint4:g32", QuantSpec("uint4", "group", 32, symmetric=False)),
-        ("int8:channel@0:p99.9", QuantSpec("int8", "channel", axis=0, calibration="percentile",
-                                           percentile=99.9)),
-        ("INT8:MSE", QuantSpec("int8", calibration="mse")),
-        ("int4:g128:asym:scale=f16", QuantSpec("int4", "group", 128, symmetric=False,
-                                               scale_dtype="f16")),
-    ],
+  "text, expected",
+  [
+    ("int8", QuantSpec("int8", "channel")),
+    ("int8:token", QuantSpec("int8", "token")),
+    ("int4:g128:asym", QuantSpec("int4", "group", 128, symmetric=False)),
+    ("nf4:g64", QuantSpec("nf4", "group", 64)),
+    ("fp8_e4m3:tensor", QuantSpec("fp8_e4m3", "tensor")),
+    ("uint4:g32", QuantSpec("uint4", "group", 32, symmetric=False)),
+    (
+      "int8:channel@0:p99.9",
+      QuantSpec("int8", "channel", axis=0, calibration="percentile", percentile=99.9),
+    ),
+    ("INT8:MSE", QuantSpec("int8", calibration="mse")),
+    (
+      "int4:g128:asym:scale=f16",
+      QuantSpec("int4", "group", 128, symmetric=False, scale_dtype="f16"),
+    ),
+  ],
 )
 def test_examples_parse_as_documented(text, expected):
   assert QuantSpec.parse(text) == expected
@@ -62,20 +66,20 @@ def test_defaults_follow_the_format():
 
 
 @pytest.mark.parametrize(
-    "text, message",
-    [
-        ("int3", "Unknown format 'int3'"),
-        ("int8:g0", "positive integer group_size"),
-        ("int8:blocky", "Unknown part 'blocky'"),
-        ("int8:tensor:token", "sets granularity twice"),
-        ("uint8:sym", "unsigned and so needs a zero point"),
-        ("nf4:asym", "symmetric by construction"),
-        ("fp8_e4m3:stochastic", "Stochastic rounding applies to integer formats"),
-        ("int8:p0", "0 < percentile <= 100"),
-        ("", "Expected a quantization spec string"),
-        ("int8:scale=f8", "Unknown scale dtype 'f8'"),
-        ("bf16:scale=f16", "keeps no scale"),
-    ],
+  "text, message",
+  [
+    ("int3", "Unknown format 'int3'"),
+    ("int8:g0", "positive integer group_size"),
+    ("int8:blocky", "Unknown part 'blocky'"),
+    ("int8:tensor:token", "sets granularity twice"),
+    ("uint8:sym", "unsigned and so needs a zero point"),
+    ("nf4:asym", "symmetric by construction"),
+    ("fp8_e4m3:stochastic", "Stochastic rounding applies to integer formats"),
+    ("int8:p0", "0 < percentile <= 100"),
+    ("", "Expected a quantization spec string"),
+    ("int8:scale=f8", "Unknown scale dtype 'f8'"),
+    ("bf16:scale=f16", "keeps no scale"),
+  ],
 )
 def test_bad_specs_say_what_to_write(text, message):
   with pytest.raises(ValueError, match=message):
@@ -93,6 +97,7 @@ def test_nbytes_matches_what_quantize_stores(spec, shape):
     spec.scale_shape(shape)
   except ValueError:
     return  # group size does not divide: covered by the error tests
-  q = jq.quantize(jnp.linspace(-1, 1, int(jnp.prod(jnp.array(shape)))).reshape(shape), spec,
-                  key=jax.random.key(0))
+  q = jq.quantize(
+    jnp.linspace(-1, 1, int(jnp.prod(jnp.array(shape)))).reshape(shape), spec, key=jax.random.key(0)
+  )
   assert q.nbytes == spec.nbytes(shape)

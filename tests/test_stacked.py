@@ -12,8 +12,16 @@ from jaxquant import flax as jqf
 from jaxquant.ops import explain, qdot_general
 
 DENSE = (((1,), (0,)), ((), ()))
-STACK_SPECS = ["int8", "int8:channel@0", "int4:g16:asym", "uint4:g16", "nf4:g16", "fp8_e4m3",
-               "int8:tensor", "bf16"]  # fmt: skip
+STACK_SPECS = [
+  "int8",
+  "int8:channel@0",
+  "int4:g16:asym",
+  "uint4:g16",
+  "nf4:g16",
+  "fp8_e4m3",
+  "int8:tensor",
+  "bf16",
+]
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +47,9 @@ def test_batch_dims_quantize_each_slice_as_vmap_would(stack, spec):
   v = jax.vmap(lambda w: jq.quantize(w, spec))(stack)
   for a, b in zip(jax.tree.leaves(q), jax.tree.leaves(v)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  np.testing.assert_array_equal(np.asarray(jq.fake_quant(stack, spec, batch_dims=1)),
-                                _per_layer(stack, spec))  # fmt: skip
+  np.testing.assert_array_equal(
+    np.asarray(jq.fake_quant(stack, spec, batch_dims=1)), _per_layer(stack, spec)
+  )
 
 
 def test_whole_stack_scales_differ_from_per_layer_ones(stack):
@@ -70,8 +79,14 @@ def test_vmapped_int8_contraction_keeps_the_integer_dot(stack):
   xs = jax.random.normal(jax.random.key(2), (3, 4, 64))
   fn = jax.vmap(lambda q, x: qdot_general(x, q, DENSE, lhs_spec="int8:token"))
   got = np.asarray(fn(q, xs))
-  want = np.stack([np.asarray(qdot_general(x, jax.tree.map(lambda a, i=i: a[i], q), DENSE,
-                                           lhs_spec="int8:token")) for i, x in enumerate(xs)])  # fmt: skip
+  want = np.stack(
+    [
+      np.asarray(
+        qdot_general(x, jax.tree.map(lambda a, i=i: a[i], q), DENSE, lhs_spec="int8:token")
+      )
+      for i, x in enumerate(xs)
+    ]
+  )
   np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
   assert "i32" in str(jax.make_jaxpr(fn)(q, xs))
 
@@ -83,8 +98,7 @@ def test_serving_layout_of_a_stack_keeps_its_values(stack):
   np.testing.assert_array_equal(np.asarray(jq.dequantize(stored)), np.asarray(jq.dequantize(q)))
   layer = jax.tree.map(lambda a: a[1], stored)
   assert layer.shape == (64, 32)
-  np.testing.assert_array_equal(np.asarray(jq.dequantize(layer)),
-                                np.asarray(jq.dequantize(q))[1])  # fmt: skip
+  np.testing.assert_array_equal(np.asarray(jq.dequantize(layer)), np.asarray(jq.dequantize(q))[1])
 
 
 def test_construction_checks_the_children_agree():
@@ -125,8 +139,10 @@ def scanned():
   return model, params, x
 
 
-STACKED_RULES = [jq.Rule("layers/", "int8", "int8:token", batch_dims=1),
-                 jq.Rule(".*", "int8", "int8:token")]  # fmt: skip
+STACKED_RULES = [
+  jq.Rule("layers/", "int8", "int8:token", batch_dims=1),
+  jq.Rule(".*", "int8", "int8:token"),
+]
 
 
 def test_a_scanned_model_quantizes_per_layer_and_serves_the_integer_path(scanned):
@@ -148,8 +164,9 @@ def test_a_scanned_model_quantizes_per_layer_and_serves_the_integer_path(scanned
   jaxpr = str(jax.make_jaxpr(serve.apply)({"params": qparams}, x))
   assert "preferred_element_type=int32" in jaxpr
   layer = jax.tree.map(lambda a: a[2], up)
-  assert str(explain(jax.ShapeDtypeStruct((12, 32), jnp.float32), layer, None,
-                     "int8:token")).startswith("int8")  # fmt: skip
+  assert str(
+    explain(jax.ShapeDtypeStruct((12, 32), jnp.float32), layer, None, "int8:token")
+  ).startswith("int8")
 
 
 def test_a_scanned_model_round_trips_through_a_checkpoint(scanned, tmp_path):
@@ -166,12 +183,16 @@ def test_vmap_over_stacked_params_of_an_unchanged_layer(scanned):
   """`jax.vmap` over a stack of serve-mode Dense params (an ensemble) works like a loop."""
   dense = nn.Dense(48)
   rules = [jq.Rule("kernel", "int4:g16", batch_dims=1)]
-  stacked = {"kernel": jax.random.normal(jax.random.key(5), (3, 32, 48)), "bias": jnp.zeros((3, 48))}
+  stacked = {
+    "kernel": jax.random.normal(jax.random.key(5), (3, 32, 48)),
+    "bias": jnp.zeros((3, 48)),
+  }
   qstack = jq.quantize_params(stacked, rules)
   serve = jqf.quantize_model(dense, [jq.Rule("kernel", "int4:g16")], "serve")
   x = jax.random.normal(jax.random.key(6), (5, 32))
   got = jax.vmap(lambda p: serve.apply({"params": p}, x))(qstack)
   for i in range(3):
     one = jax.tree.map(lambda a, i=i: a[i], qstack)
-    np.testing.assert_allclose(np.asarray(got[i]), np.asarray(serve.apply({"params": one}, x)),
-                               rtol=1e-5, atol=1e-5)  # fmt: skip
+    np.testing.assert_allclose(
+      np.asarray(got[i]), np.asarray(serve.apply({"params": one}, x)), rtol=1e-5, atol=1e-5
+    )

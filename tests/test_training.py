@@ -40,7 +40,9 @@ def data():
 
 def test_policy_parses_and_casts():
   p = Policy.parse("params=float32,compute=bfloat16,output=float32")
-  assert p.compute_dtype == jnp.bfloat16 and str(p) == "params=float32,compute=bfloat16,output=float32"
+  assert (
+    p.compute_dtype == jnp.bfloat16 and str(p) == "params=float32,compute=bfloat16,output=float32"
+  )
   tree = {"w": jnp.ones(3), "ids": jnp.arange(3)}
   cast = p.cast_to_compute(tree)
   assert cast["w"].dtype == jnp.bfloat16 and cast["ids"].dtype == tree["ids"].dtype
@@ -94,8 +96,9 @@ def test_loss_scaling_skips_non_finite_steps_and_recovers(data):
   good, metrics = step(good, batch)
   assert bool(metrics["finite"]) and int(good.step) == 2
   assert float(good.loss_scale.scale) == float(after_bad.loss_scale.scale) * 2  # grew after 2
-  assert not np.array_equal(np.asarray(good.params["fc1"]["kernel"]),
-                            np.asarray(state.params["fc1"]["kernel"]))  # fmt: skip
+  assert not np.array_equal(
+    np.asarray(good.params["fc1"]["kernel"]), np.asarray(state.params["fc1"]["kernel"])
+  )
 
 
 def test_lsq_gradient_matches_its_formula():
@@ -113,7 +116,7 @@ def test_lsq_gradient_matches_its_formula():
 def test_pact_alpha_gets_the_clipped_gradient():
   x = jnp.array([-5.0, -0.5, 0.2, 2.0, 7.0])
   g_x, g_a = jax.grad(lambda x, a: jnp.sum(training.pact_fake_quant(x, a, "int8")), (0, 1))(
-      x, jnp.asarray(1.5)
+    x, jnp.asarray(1.5)
   )
   np.testing.assert_array_equal(np.asarray(g_x), [0, 1, 1, 0, 0])
   assert float(g_a) == pytest.approx(-1 + 1 + 1)
@@ -144,5 +147,5 @@ def test_learned_parameters_outside_fake_mode_are_an_error(data):
   batch, params = data
   qat = training.add_learned_quantizers(params, RULES)
   serve = jqf.quantize_model(MLP(), RULES, "serve")
-  with pytest.raises(ValueError, match="jaxquant.training.convert"):
+  with pytest.raises(ValueError, match=r"jaxquant\.training\.convert"):
     serve.apply({"params": qat}, batch["x"])

@@ -50,8 +50,11 @@ def test_plan_lists_every_leaf_with_bytes_before_and_after(linen_params):
 
 
 def test_first_matching_rule_wins(linen_params):
-  rules = [jq.Rule("down", weight="int4:g16"), jq.Rule("kernel", weight="int8"),
-           jq.Rule("down/kernel", weight="nf4")]  # fmt: skip
+  rules = [
+    jq.Rule("down", weight="int4:g16"),
+    jq.Rule("kernel", weight="int8"),
+    jq.Rule("down/kernel", weight="nf4"),
+  ]
   with pytest.warns(UserWarning, match="'down/kernel' matched no parameter"):
     q = jq.quantize_params(linen_params, rules)
   assert q["down"]["kernel"].spec == jq.QuantSpec.parse("int4:g16")
@@ -84,8 +87,8 @@ def test_quantize_params_on_nnx_state_keeps_variables():
   restored = jq.dequantize_params(q)
   nnx.update(model, restored)
   np.testing.assert_allclose(
-      np.asarray(model.up.kernel.get_value()),
-      np.asarray(jq.dequantize(q["up"]["kernel"].get_value())),
+    np.asarray(model.up.kernel.get_value()),
+    np.asarray(jq.dequantize(q["up"]["kernel"].get_value())),
   )
 
 
@@ -114,7 +117,9 @@ def test_stochastic_rules_need_and_use_a_key(linen_params):
       jq.quantize_params(linen_params, rules)
     a = jq.quantize_params(linen_params, rules, key=jax.random.key(0))
     b = jq.quantize_params(linen_params, rules, key=jax.random.key(1))
-  assert not np.array_equal(np.asarray(a["up"]["kernel"].values), np.asarray(b["up"]["kernel"].values))
+  assert not np.array_equal(
+    np.asarray(a["up"]["kernel"].values), np.asarray(b["up"]["kernel"].values)
+  )
 
 
 # --------------------------------------------------------------------------- bad input
@@ -153,7 +158,9 @@ def test_integer_leaves_are_kept_not_quantized():
   params = {"ids": jnp.arange(6).reshape(2, 3), "w": jnp.ones((4, 4))}
   q = jq.quantize_params(params, [jq.Rule(".*", weight="int8")])
   assert q["ids"].dtype == jnp.int32 and isinstance(q["w"], jq.QArray)
-  assert "kept (int32)" in {r.path: r.note for r in jq.plan(params, [jq.Rule(".*", "int8")]).rows}["ids"]
+  assert (
+    "kept (int32)" in {r.path: r.note for r in jq.plan(params, [jq.Rule(".*", "int8")]).rows}["ids"]
+  )
 
 
 def test_recipes_load_by_name_file_or_spec(tmp_path):

@@ -48,27 +48,31 @@ def _ours(w: jax.Array, x: jax.Array) -> list[Variant]:
   m = x.shape[0]
 
   def qdot(lhs_spec=None, lowering=None):
-    return jax.jit(lambda x, q: ops.qdot_general(x, q, DENSE, lhs_spec=lhs_spec,
-                                                 lowering=lowering))  # fmt: skip
+    return jax.jit(lambda x, q: ops.qdot_general(x, q, DENSE, lhs_spec=lhs_spec, lowering=lowering))
 
   out = [
-      Variant("f32", "float32 dot", jax.jit(lambda x, w: x @ w), w, True),
-      Variant("bf16", "bfloat16 dot, f32 accumulation",
-              jax.jit(lambda x, w: jnp.dot(x.astype(jnp.bfloat16), w,
-                                           preferred_element_type=jnp.float32)),
-              w.astype(jnp.bfloat16), True),  # fmt: skip
-      Variant("w8a8", "int8, [in,out] codes", qdot("int8:token"), q8, True),
-      Variant("w8a8", "int8, [out,in] codes", qdot("int8:token"), q8m),
-      Variant("w8a8", "dequant", qdot("int8:token", "dequant"), q8),
-      Variant("w8", "dequant", qdot(), q8, True),
-      Variant("w8", "int8 dynamic acts, [in,out]", qdot(None, "int8"), q8),
-      Variant("w8", "int8 dynamic acts, [out,in]", qdot(None, "int8"), q8m),
-      Variant("w4", "dequant", qdot(), q4, True),
+    Variant("f32", "float32 dot", jax.jit(lambda x, w: x @ w), w, True),
+    Variant(
+      "bf16",
+      "bfloat16 dot, f32 accumulation",
+      jax.jit(lambda x, w: jnp.dot(x.astype(jnp.bfloat16), w, preferred_element_type=jnp.float32)),
+      w.astype(jnp.bfloat16),
+      True,
+    ),
+    Variant("w8a8", "int8, [in,out] codes", qdot("int8:token"), q8, True),
+    Variant("w8a8", "int8, [out,in] codes", qdot("int8:token"), q8m),
+    Variant("w8a8", "dequant", qdot("int8:token", "dequant"), q8),
+    Variant("w8", "dequant", qdot(), q8, True),
+    Variant("w8", "int8 dynamic acts, [in,out]", qdot(None, "int8"), q8),
+    Variant("w8", "int8 dynamic acts, [out,in]", qdot(None, "int8"), q8m),
+    Variant("w4", "dequant", qdot(), q4, True),
   ]
   groups = w.shape[0] // 128
   if m * groups <= 4 * lowerings.W4A8_MAX_ROWS:  # block-diagonal rows grow with groups
-    out += [Variant("w4", "w4a8, [in,out] codes", qdot(None, "w4a8"), q4),
-            Variant("w4", "w4a8, [out,in] codes", qdot(None, "w4a8"), q4m)]  # fmt: skip
+    out += [
+      Variant("w4", "w4a8, [in,out] codes", qdot(None, "w4a8"), q4),
+      Variant("w4", "w4a8, [out,in] codes", qdot(None, "w4a8"), q4m),
+    ]
   return out
 
 
@@ -81,14 +85,15 @@ def _qwix(w: jax.Array, x: jax.Array) -> list[Variant]:
   model = nn.Dense(w.shape[1], use_bias=False)
   params = {"kernel": w}
   configs = {
-      "w8a8": dict(weight_qtype=jnp.int8, act_qtype=jnp.int8),
-      "w8": dict(weight_qtype=jnp.int8),
-      "w4": dict(weight_qtype=jnp.int4, tile_size=128),
+    "w8a8": dict(weight_qtype=jnp.int8, act_qtype=jnp.int8),
+    "w8": dict(weight_qtype=jnp.int8),
+    "w4": dict(weight_qtype=jnp.int4, tile_size=128),
   }
   out = []
   for fmt, cfg in configs.items():
-    ptq = qwix.quantize_model(model, qwix.PtqProvider([qwix.QuantizationRule(module_path=".*",
-                                                                              **cfg)]))  # fmt: skip
+    ptq = qwix.quantize_model(
+      model, qwix.PtqProvider([qwix.QuantizationRule(module_path=".*", **cfg)])
+    )
     abstract = jax.eval_shape(ptq.init, jax.random.key(0), x)["params"]
     qparams = qwix.quantize_params(params, abstract)
     fn = jax.jit(lambda x, p, ptq=ptq: ptq.apply({"params": p}, x))
@@ -114,7 +119,7 @@ def time_interleaved(calls: dict[str, Callable[[], object]], rounds: int, warmup
       jax.block_until_ready(call())
       wall[name].append(time.perf_counter() - start)
       cpu[name].append(time.process_time() - start_cpu)
-  median = lambda d: {k: statistics.median(v) for k, v in d.items()}  # noqa: E731
+  median = lambda d: {k: statistics.median(v) for k, v in d.items()}
   return median(wall), median(cpu)
 
 
@@ -135,9 +140,20 @@ def run_case(k: int, n: int, m: int, repeats: int, qwix: bool = True) -> list[di
   rows = []
   for v in variants:
     med = wall[id(v)]
-    rows.append({"K": k, "N": n, "M": m, "format": v.fmt, "lowering": v.lowering,
-                 "auto": v.auto, "median_ms": med * 1e3, "speedup_vs_f32": base / med,
-                 "rel_error": errors[id(v)], "repeats": repeats})  # fmt: skip
+    rows.append(
+      {
+        "K": k,
+        "N": n,
+        "M": m,
+        "format": v.fmt,
+        "lowering": v.lowering,
+        "auto": v.auto,
+        "median_ms": med * 1e3,
+        "speedup_vs_f32": base / med,
+        "rel_error": errors[id(v)],
+        "repeats": repeats,
+      }
+    )
   del variants
   return rows
 
@@ -147,8 +163,11 @@ def explain_rows(k: int, m: int) -> dict[str, str]:
   x = jax.ShapeDtypeStruct((m, k), jnp.float32)
   w = jnp.zeros((k, 256), jnp.float32) + 0.01
   q8, q4 = jq.quantize(w, "int8"), jq.quantize(w, W4)
-  out = {"w8a8": str(ops.explain(x, q8, DENSE, "int8:token")), "w8": str(ops.explain(x, q8)),
-         "w4": str(ops.explain(x, q4))}  # fmt: skip
+  out = {
+    "w8a8": str(ops.explain(x, q8, DENSE, "int8:token")),
+    "w8": str(ops.explain(x, q8)),
+    "w4": str(ops.explain(x, q4)),
+  }
   with ops.lowering_scope(dynamic_int8=True):
     out["w8 (dynamic_int8)"] = str(ops.explain(x, q8))
     out["w4 (dynamic_int8)"] = str(ops.explain(x, q4))
@@ -156,12 +175,16 @@ def explain_rows(k: int, m: int) -> dict[str, str]:
 
 
 def markdown(rows: list[dict]) -> str:
-  lines = ["| K×N | M | format | lowering | median ms | × vs f32 | rel err |",
-           "|---|---|---|---|---|---|---|"]  # fmt: skip
+  lines = [
+    "| K×N | M | format | lowering | median ms | × vs f32 | rel err |",
+    "|---|---|---|---|---|---|---|",
+  ]
   for r in rows:
     star = " (auto)" if r["auto"] else ""
-    lines.append(f"| {r['K']}×{r['N']} | {r['M']} | {r['format']} | {r['lowering']}{star} | "
-                 f"{r['median_ms']:.2f} | {r['speedup_vs_f32']:.2f} | {r['rel_error']:.4f} |")
+    lines.append(
+      f"| {r['K']}×{r['N']} | {r['M']} | {r['format']} | {r['lowering']}{star} | "
+      f"{r['median_ms']:.2f} | {r['speedup_vs_f32']:.2f} | {r['rel_error']:.4f} |"
+    )
   return "\n".join(lines) + "\n"
 
 
@@ -176,20 +199,34 @@ def plot(rows: list[dict], path: Path) -> None:
   for ax, (k, n) in zip(axes[0], shapes):
     sub = [r for r in rows if (r["K"], r["N"]) == (k, n)]
     for key in dict.fromkeys((r["format"], r["lowering"]) for r in sub):
-      pts = sorted((r["M"], r["speedup_vs_f32"]) for r in sub if (r["format"], r["lowering"]) == key)
+      pts = sorted(
+        (r["M"], r["speedup_vs_f32"]) for r in sub if (r["format"], r["lowering"]) == key
+      )
       style = "--" if "qwix" in key[1] else "-"
-      ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o", label=f"{key[0]}: {key[1]}")
+      ax.plot(
+        [p[0] for p in pts], [p[1] for p in pts], style, marker="o", label=f"{key[0]}: {key[1]}"
+      )
     ax.axhline(1.0, color="k", lw=0.8)
-    ax.set(xscale="log", yscale="log", xlabel="rows M (tokens)", ylabel="speed-up vs float32",
-           title=f"x[M,{k}] · W[{k},{n}] ({jax.default_backend()}, {os.cpu_count()} cores)")
+    ax.set(
+      xscale="log",
+      yscale="log",
+      xlabel="rows M (tokens)",
+      ylabel="speed-up vs float32",
+      title=f"x[M,{k}] · W[{k},{n}] ({jax.default_backend()}, {os.cpu_count()} cores)",
+    )
     ax.grid(True, which="both", alpha=0.3)
   axes[0][-1].legend(fontsize=7, loc="best")
   fig.tight_layout()
   fig.savefig(path, dpi=110)
 
 
-def run(quick: bool = False, repeats: int | None = None, out: str | Path | None = None,
-        qwix: bool = True, progress: Callable[[str], None] = print) -> list[dict]:  # fmt: skip
+def run(
+  quick: bool = False,
+  repeats: int | None = None,
+  out: str | Path | None = None,
+  qwix: bool = True,
+  progress: Callable[[str], None] = print,
+) -> list[dict]:
   """Runs every shape × rows case; writes ``bench_ops.{md,json,png}`` into `out` if given."""
   shapes = SHAPES[:1] if quick else SHAPES
   row_counts = (1, 16) if quick else ROWS
@@ -200,11 +237,19 @@ def run(quick: bool = False, repeats: int | None = None, out: str | Path | None 
       case = run_case(k, n, m, repeats, qwix)
       rows += case
       best = max((r for r in case if r["format"] == "w8a8"), key=lambda r: r["speedup_vs_f32"])
-      progress(f"{k}x{n} M={m}: f32 {case[0]['median_ms']:.2f} ms; best w8a8 "
-               f"{best['median_ms']:.2f} ms ({best['lowering']}, {best['speedup_vs_f32']:.2f}x)")
-  meta = {"jax": jax.__version__, "backend": jax.default_backend(), "cpus": os.cpu_count(),
-          "machine": platform.processor() or platform.machine(), "repeats": repeats,
-          "load_average": os.getloadavg(), "explain": {m: explain_rows(4096, m) for m in row_counts}}  # fmt: skip
+      progress(
+        f"{k}x{n} M={m}: f32 {case[0]['median_ms']:.2f} ms; best w8a8 "
+        f"{best['median_ms']:.2f} ms ({best['lowering']}, {best['speedup_vs_f32']:.2f}x)"
+      )
+  meta = {
+    "jax": jax.__version__,
+    "backend": jax.default_backend(),
+    "cpus": os.cpu_count(),
+    "machine": platform.processor() or platform.machine(),
+    "repeats": repeats,
+    "load_average": os.getloadavg(),
+    "explain": {m: explain_rows(4096, m) for m in row_counts},
+  }
   try:
     import qwix as _q
 
@@ -215,10 +260,12 @@ def run(quick: bool = False, repeats: int | None = None, out: str | Path | None 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench_ops.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    head = (f"jax {meta['jax']} on {meta['backend']} ({meta['cpus']} cores), qwix "
-            f"{meta['qwix']}; median of {repeats} interleaved rounds; × vs f32 = f32 median / "
-            "median (higher is faster); (auto) = the library's default lowering for that "
-            "format.\n\n")  # fmt: skip
+    head = (
+      f"jax {meta['jax']} on {meta['backend']} ({meta['cpus']} cores), qwix "
+      f"{meta['qwix']}; median of {repeats} interleaved rounds; × vs f32 = f32 median / "
+      "median (higher is faster); (auto) = the library's default lowering for that "
+      "format.\n\n"
+    )
     (out / "bench_ops.md").write_text(head + markdown(rows))
     try:
       plot(rows, out / "bench_ops.png")

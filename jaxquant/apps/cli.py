@@ -1,12 +1,12 @@
 """The ``jaxquant`` command line.
 
-    jaxquant quantize --model minilm --recipe int8 --out out/minilm-int8
-    jaxquant quantize --model weights.safetensors --layout torch --recipe int4:g128 --out q/
-    jaxquant plan --model minilm --recipe w4g128
-    jaxquant embed --model minilm --recipe w8a8 --sentences s.txt --out emb.npy
-    jaxquant eval --model minilm --recipes fp32,w8,w8a8,w4g128 --json results.json
-    jaxquant recipes
-    jaxquant export --model minilm --recipe w8a8 --out out/minilm-w8a8-export
+jaxquant quantize --model minilm --recipe int8 --out out/minilm-int8
+jaxquant quantize --model weights.safetensors --layout torch --recipe int4:g128 --out q/
+jaxquant plan --model minilm --recipe w4g128
+jaxquant embed --model minilm --recipe w8a8 --sentences s.txt --out emb.npy
+jaxquant eval --model minilm --recipes fp32,w8,w8a8,w4g128 --json results.json
+jaxquant recipes
+jaxquant export --model minilm --recipe w8a8 --out out/minilm-w8a8-export
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def load_model_params(model: str, layout: str | None) -> tuple[dict, str]:
   path = Path(model)
   if not path.is_file():
     raise SystemExit(
-        f"error: --model {model!r} is neither 'minilm' nor an existing .safetensors file."
+      f"error: --model {model!r} is neither 'minilm' nor an existing .safetensors file."
     )
   return interop.load_safetensors_params(path, layout or "flax"), str(path)
 
@@ -50,22 +50,35 @@ def _write_text_atomic(path: Path, text: str) -> None:
   io.atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
-def plan_table(plan: transforms.Plan, extra: dict[str, dict[str, str]] | None = None,
-               title: str = "plan", only_quantized: bool = False) -> Table:  # fmt: skip
+def plan_table(
+  plan: transforms.Plan,
+  extra: dict[str, dict[str, str]] | None = None,
+  title: str = "plan",
+  only_quantized: bool = False,
+) -> Table:
   """`plan` as a `rich` table; `extra` maps path -> {column: text} for added columns."""
   extra = extra or {}
   columns = list(dict.fromkeys(c for cols in extra.values() for c in cols))
   table = Table(title=title, show_lines=False)
   table.add_column("path", overflow="fold")
-  for name, justify in [("shape", "left"), ("spec", "left"), ("bytes", "right"),
-                        ("quantized", "right")]:  # fmt: skip
+  for name, justify in [
+    ("shape", "left"),
+    ("spec", "left"),
+    ("bytes", "right"),
+    ("quantized", "right"),
+  ]:
     table.add_column(name, justify=justify, no_wrap=True)
   for c in columns:
     table.add_column(c, justify="right")
   for r in plan.quantized if only_quantized else plan.rows:
     spec = str(r.spec) if r.spec is not None else (r.note or "-")
-    cells = [r.path, "×".join(map(str, r.shape)) or "()", spec,
-             transforms.human_bytes(r.bytes_before), transforms.human_bytes(r.bytes_after)]  # fmt: skip
+    cells = [
+      r.path,
+      "×".join(map(str, r.shape)) or "()",
+      spec,
+      transforms.human_bytes(r.bytes_before),
+      transforms.human_bytes(r.bytes_after),
+    ]
     table.add_row(*cells, *[extra.get(r.path, {}).get(c, "") for c in columns])
   return table
 
@@ -75,9 +88,9 @@ def _plan_for(args) -> tuple[dict, transforms.Plan, Recipe]:
   params, described = load_model_params(args.model, args.layout)
   if recipe.needs_data and args.model != "minilm":
     raise ValueError(
-        f"recipe {recipe.name!r} runs {recipe.step_names}, which need calibration data: the "
-        "command line calibrates the packaged MiniLM only (--model minilm); from Python, pass "
-        "your model and batches to jaxquant.apply_recipe, or use an rtn/hqq recipe here."
+      f"recipe {recipe.name!r} runs {recipe.step_names}, which need calibration data: the "
+      "command line calibrates the packaged MiniLM only (--model minilm); from Python, pass "
+      "your model and batches to jaxquant.apply_recipe, or use an rtn/hqq recipe here."
     )
   plan = transforms.plan(params, recipe.rules)
   plan.check()
@@ -112,11 +125,12 @@ def cmd_quantize(args) -> int:
     if path in {r.path for r in plan.quantized}:
       errors[path] = quantization_error(originals[path], leaf)
   extra = {
-      p: {"rel err": f"{e['rel_error']:.3%}", "SNR dB": f"{e['snr_db']:.1f}"}
-      for p, e in errors.items()
+    p: {"rel err": f"{e['rel_error']:.3%}", "SNR dB": f"{e['snr_db']:.1f}"}
+    for p, e in errors.items()
   }
-  console.print(plan_table(plan, extra, title=f"{recipe_name}: per-tensor error",
-                           only_quantized=not args.all))
+  console.print(
+    plan_table(plan, extra, title=f"{recipe_name}: per-tensor error", only_quantized=not args.all)
+  )
   out = Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
   file = io.save(out / io.DEFAULT_FILENAME, qparams)
@@ -128,25 +142,25 @@ def cmd_quantize(args) -> int:
   console.print(plan.summary())
   if worst is not None:
     console.print(
-        f"worst relative error {worst['rel_error']:.3%}; lowest SNR "
-        f"{min(e['snr_db'] for e in errors.values()):.1f} dB; quantized in {elapsed:.1f} s"
+      f"worst relative error {worst['rel_error']:.3%}; lowest SNR "
+      f"{min(e['snr_db'] for e in errors.values()):.1f} dB; quantized in {elapsed:.1f} s"
     )
   if matched_before:
     console.print(
-        f"file {file} : {file_bytes / 2**20:.2f} MiB; quantized tensors on disk "
-        f"{(file_bytes - kept) / matched_before:.1%} of their float32 bytes (header included)"
+      f"file {file} : {file_bytes / 2**20:.2f} MiB; quantized tensors on disk "
+      f"{(file_bytes - kept) / matched_before:.1%} of their float32 bytes (header included)"
     )
   report = {
-      "model": args.model,
-      "recipe": recipe_name,
-      "rules": [r.to_dict() for r in rules],
-      "file": str(file),
-      "file_bytes": file_bytes,
-      "seconds": elapsed,
-      "errors": errors,
-      "plan": plan.to_dict(),
-      "steps": [{n: o} for n, o in recipe.steps],
-      "info": _report_info(result.info),
+    "model": args.model,
+    "recipe": recipe_name,
+    "rules": [r.to_dict() for r in rules],
+    "file": str(file),
+    "file_bytes": file_bytes,
+    "seconds": elapsed,
+    "errors": errors,
+    "plan": plan.to_dict(),
+    "steps": [{n: o} for n, o in recipe.steps],
+    "info": _report_info(result.info),
   }
   _write_text_atomic(out / "report.json", json.dumps(report, indent=1, default=_json_safe))
   recipe = resolved_recipe(recipe, result)
@@ -157,8 +171,10 @@ def cmd_quantize(args) -> int:
 
 def _report_info(info: dict) -> dict:
   """Per-step notes for report.json, without the bulky per-layer error tables."""
-  return {step: {k: v for k, v in notes.items() if k != "errors"} if isinstance(notes, dict)
-          else notes for step, notes in info.items()}  # fmt: skip
+  return {
+    step: {k: v for k, v in notes.items() if k != "errors"} if isinstance(notes, dict) else notes
+    for step, notes in info.items()
+  }
 
 
 def _json_safe(x):
@@ -180,7 +196,11 @@ def _encoder(args):
   _require_minilm(args.model)
   if args.checkpoint:
     folder = Path(args.checkpoint)
-    report = json.loads((folder / "report.json").read_text()) if (folder / "report.json").is_file() else None
+    report = (
+      json.loads((folder / "report.json").read_text())
+      if (folder / "report.json").is_file()
+      else None
+    )
     if report is None:
       raise FileNotFoundError(f"{folder} has no report.json; make it with `jaxquant quantize`.")
     rules = tuple(Rule(**r) for r in report["rules"])
@@ -191,7 +211,9 @@ def _encoder(args):
 
 def _require_minilm(model: str) -> None:
   if model != "minilm":
-    raise ValueError(f"--model {model!r}: embed and eval run the MiniLM encoder; use --model minilm.")
+    raise ValueError(
+      f"--model {model!r}: embed and eval run the MiniLM encoder; use --model minilm."
+    )
 
 
 def cmd_embed(args) -> int:
@@ -204,8 +226,9 @@ def cmd_embed(args) -> int:
       np.save(f, emb)
 
   out = io.atomic_write(args.out, write)
-  console.print(f"{len(sentences)} embeddings [{emb.shape[0]}, {emb.shape[1]}] -> {out} "
-                f"({encoder.name})")
+  console.print(
+    f"{len(sentences)} embeddings [{emb.shape[0]}, {emb.shape[1]}] -> {out} ({encoder.name})"
+  )
   return 0
 
 
@@ -221,16 +244,37 @@ def cmd_eval(args) -> int:
   for name in names:
     encoder = evaluate.minilm_encoder(name)
     emb, seconds = evaluate.timed_encode(encoder, sentences)
-    rows.append({"recipe": name, **evaluate.fidelity(ref_emb, emb), "weight_bytes": encoder.weight_bytes,
-                 "encoder_kernel_bytes": encoder.linear_bytes, "seconds": seconds})  # fmt: skip
+    rows.append(
+      {
+        "recipe": name,
+        **evaluate.fidelity(ref_emb, emb),
+        "weight_bytes": encoder.weight_bytes,
+        "encoder_kernel_bytes": encoder.linear_bytes,
+        "seconds": seconds,
+      }
+    )
     console.print(f"{name}: mean cosine {rows[-1]['mean_cosine']:.5f}", highlight=False)
   table = Table(title=f"all-MiniLM-L6-v2 on {len(sentences)} held-out sentences vs float32")
-  for col in ("recipe", "mean cos", "min cos", "top-5 agree", "weights MiB", "kernels MiB", "embed s"):
+  for col in (
+    "recipe",
+    "mean cos",
+    "min cos",
+    "top-5 agree",
+    "weights MiB",
+    "kernels MiB",
+    "embed s",
+  ):
     table.add_column(col, justify="left" if col == "recipe" else "right", no_wrap=True)
   for r in rows:
-    table.add_row(r["recipe"], f"{r['mean_cosine']:.5f}", f"{r['min_cosine']:.5f}",
-                  f"{r['top5_agreement']:.3f}", f"{r['weight_bytes'] / 2**20:.1f}",
-                  f"{r['encoder_kernel_bytes'] / 2**20:.2f}", f"{r['seconds']:.2f}")  # fmt: skip
+    table.add_row(
+      r["recipe"],
+      f"{r['mean_cosine']:.5f}",
+      f"{r['min_cosine']:.5f}",
+      f"{r['top5_agreement']:.3f}",
+      f"{r['weight_bytes'] / 2**20:.1f}",
+      f"{r['encoder_kernel_bytes'] / 2**20:.2f}",
+      f"{r['seconds']:.2f}",
+    )
   console.print(table)
   if args.json:
     path = Path(args.json)
@@ -240,8 +284,13 @@ def cmd_eval(args) -> int:
 
 
 def cmd_bench(args) -> int:
-  rows = bench.run(args.quick, args.repeats, args.out, qwix=not args.no_qwix,
-                   progress=lambda line: console.print(line, highlight=False))  # fmt: skip
+  rows = bench.run(
+    args.quick,
+    args.repeats,
+    args.out,
+    qwix=not args.no_qwix,
+    progress=lambda line: console.print(line, highlight=False),
+  )
   console.print(bench.markdown(rows), highlight=False)
   if args.out:
     console.print(f"wrote {args.out}/bench_ops.md, .json, .png")
@@ -264,17 +313,28 @@ def cmd_export(args) -> int:
     target = serving.decoder_serve(args.recipe, args.config, args.checkpoint, args.seed)
   platforms = [p.strip() for p in args.platforms.split(",") if p.strip()]
   start = time.perf_counter()
-  out = export.export_serve(args.out, target.fn, target.variables, target.inputs, platforms,
-                             target.metadata)  # fmt: skip
+  out = export.export_serve(
+    args.out, target.fn, target.variables, target.inputs, platforms, target.metadata
+  )
   elapsed = time.perf_counter() - start
   served = export.load_exported(out)  # check the artifact before reporting success
-  diff = float(np.max(np.abs(np.asarray(served(*target.example))
-                             - np.asarray(target.fn(target.variables, *target.example)))))  # fmt: skip
-  sizes = ", ".join(f"{n} {(out / n).stat().st_size / 2**20:.2f} MiB"
-                    for n in (export.PROGRAM, export.PARAMS))  # fmt: skip
-  console.print(f"{args.model} ({target.metadata['recipe']}) exported for "
-                f"{', '.join(served.platforms)} in {elapsed:.1f} s -> {out}: {sizes}; params "
-                f"passed as an argument; reloaded on CPU, max |diff| {diff:.3g}", highlight=False)
+  diff = float(
+    np.max(
+      np.abs(
+        np.asarray(served(*target.example))
+        - np.asarray(target.fn(target.variables, *target.example))
+      )
+    )
+  )
+  sizes = ", ".join(
+    f"{n} {(out / n).stat().st_size / 2**20:.2f} MiB" for n in (export.PROGRAM, export.PARAMS)
+  )
+  console.print(
+    f"{args.model} ({target.metadata['recipe']}) exported for "
+    f"{', '.join(served.platforms)} in {elapsed:.1f} s -> {out}: {sizes}; params "
+    f"passed as an argument; reloaded on CPU, max |diff| {diff:.3g}",
+    highlight=False,
+  )
   return 0
 
 
@@ -283,12 +343,22 @@ def build_parser() -> argparse.ArgumentParser:
   sub = parser.add_subparsers(dest="command", required=True)
 
   def model_args(p):
-    p.add_argument("--model", default="minilm",
-                   help="'minilm' (the packaged all-MiniLM-L6-v2) or a .safetensors path")
-    p.add_argument("--layout", choices=("flax", "torch"), default=None,
-                   help="weight layout of a .safetensors file (torch: [out, in] weights)")
-    p.add_argument("--recipe", default="int8",
-                   help="shipped recipe name, a recipe .yaml, or a spec string like int4:g128")
+    p.add_argument(
+      "--model",
+      default="minilm",
+      help="'minilm' (the packaged all-MiniLM-L6-v2) or a .safetensors path",
+    )
+    p.add_argument(
+      "--layout",
+      choices=("flax", "torch"),
+      default=None,
+      help="weight layout of a .safetensors file (torch: [out, in] weights)",
+    )
+    p.add_argument(
+      "--recipe",
+      default="int8",
+      help="shipped recipe name, a recipe .yaml, or a spec string like int4:g128",
+    )
     p.add_argument("--all", action="store_true", help="list kept tensors in the table too")
 
   q = sub.add_parser("quantize", help="quantize a checkpoint and report per-tensor error")
@@ -322,17 +392,27 @@ def build_parser() -> argparse.ArgumentParser:
   b.add_argument("--out", default="experiments/results", help="folder for bench_ops.{md,json,png}")
   b.set_defaults(func=cmd_bench)
   x = sub.add_parser("export", help="jax.export a quantized serve function for cpu/cuda/tpu")
-  x.add_argument("--model", choices=("minilm", "decoder"), default="minilm",
-                 help="minilm: sentence embeddings; decoder: the byte-level LM's logits")
+  x.add_argument(
+    "--model",
+    choices=("minilm", "decoder"),
+    default="minilm",
+    help="minilm: sentence embeddings; decoder: the byte-level LM's logits",
+  )
   x.add_argument("--recipe", default="w8a8", help="recipe name, .yaml path or spec string")
-  x.add_argument("--checkpoint", help="decoder: float params saved with jaxquant.save "
-                 "(default: random init from --seed)")
-  x.add_argument("--config", default="", help="decoder: DecoderConfig fields, e.g. "
-                 "dim=512,layers=4,heads=8,mlp=2048")
+  x.add_argument(
+    "--checkpoint",
+    help="decoder: float params saved with jaxquant.save (default: random init from --seed)",
+  )
+  x.add_argument(
+    "--config",
+    default="",
+    help="decoder: DecoderConfig fields, e.g. dim=512,layers=4,heads=8,mlp=2048",
+  )
   x.add_argument("--seed", type=int, default=0)
   x.add_argument("--platforms", default="cpu,cuda,tpu")
-  x.add_argument("--out", required=True,
-                 help="output folder: serve.jaxexport, model.safetensors, export.json")
+  x.add_argument(
+    "--out", required=True, help="output folder: serve.jaxexport, model.safetensors, export.json"
+  )
   x.set_defaults(func=cmd_export)
   return parser
 

@@ -28,13 +28,31 @@ from pathlib import Path
 import numpy as np
 
 CALIBRATION_MODULES = (
-    "email", "http", "logging", "argparse", "unittest", "urllib", "xml", "mailbox",
-    "configparser", "smtplib",
-)  # fmt: skip
+  "email",
+  "http",
+  "logging",
+  "argparse",
+  "unittest",
+  "urllib",
+  "xml",
+  "mailbox",
+  "configparser",
+  "smtplib",
+)
 EVALUATION_MODULES = (
-    "json", "collections", "asyncio", "pathlib", "typing", "importlib", "threading", "inspect",
-    "statistics", "ipaddress", "enum", "functools",
-)  # fmt: skip
+  "json",
+  "collections",
+  "asyncio",
+  "pathlib",
+  "typing",
+  "importlib",
+  "threading",
+  "inspect",
+  "statistics",
+  "ipaddress",
+  "enum",
+  "functools",
+)
 MIN_WORDS, MAX_WORDS = 6, 60
 SEED = 0
 
@@ -74,10 +92,10 @@ def _is_prose(lines: list[str]) -> bool:
   """False for doctests, indented blocks, headings, option lists and field lists."""
   first = lines[0]
   return not (
-      any(line[:1].isspace() or line.lstrip().startswith((">>>", "...")) for line in lines)
-      or any(_HEADING.match(line) for line in lines)
-      or first.startswith(("-", "*", ":", "@", "#"))
-      or first.rstrip().endswith(":")
+    any(line[:1].isspace() or line.lstrip().startswith((">>>", "...")) for line in lines)
+    or any(_HEADING.match(line) for line in lines)
+    or first.startswith(("-", "*", ":", "@", "#"))
+    or first.rstrip().endswith(":")
   )
 
 

@@ -1,8 +1,8 @@
 """Quantized MiniLM encoders from recipes, and how close their embeddings stay to float32.
 
-    encoder = minilm_encoder("w8a8")           # calibrates first if the recipe needs it
-    emb = encoder.encode(sentences)            # [N, 384], unit norm
-    fidelity(reference, emb)                   # mean/min cosine, top-5 neighbour agreement
+encoder = minilm_encoder("w8a8")           # calibrates first if the recipe needs it
+emb = encoder.encode(sentences)            # [N, 384], unit norm
+fidelity(reference, emb)                   # mean/min cosine, top-5 neighbour agreement
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def needs_calibration(rules: Sequence[Rule]) -> bool:
 
 
 def calibrate_minilm(
-    rules: Sequence[Rule], params: dict, sentences: Sequence[str], batch_size: int = 64
+  rules: Sequence[Rule], params: dict, sentences: Sequence[str], batch_size: int = 64
 ) -> dict[str, dict]:
   """Activation statistics of every quantized MiniLM layer over `sentences` (float forward)."""
   cal = quantize_model(minilm.MiniLM(), rules, "calibrate")
@@ -51,8 +51,14 @@ def calibrate_minilm(
   key = jax.random.key(0)
   for i, start in enumerate(range(0, len(sentences), batch_size)):
     batch = minilm.tokenize(tokenizer, list(sentences[start : start + batch_size]))
-    stats = step({"params": params}, stats, jax.random.fold_in(key, i),
-                 batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])  # fmt: skip
+    stats = step(
+      {"params": params},
+      stats,
+      jax.random.fold_in(key, i),
+      batch["input_ids"],
+      batch["attention_mask"],
+      batch["token_type_ids"],
+    )
   return stats
 
 
@@ -73,15 +79,20 @@ def minilm_calibration(sentences: Sequence[str] | None = None) -> CalibrationSet
   `data.calibration_sentences`) for the data-driven PTQ steps: real tokens only, the model's
   smoothing groups (where AWQ/SmoothQuant scales fold), sentence embeddings compared."""
   sentences = sentences or data.calibration_sentences(PTQ_CALIBRATION_SENTENCES)
-  return CalibrationSet(minilm.MiniLM(), minilm_batches(sentences), row_mask=_real_tokens,
-                        output_fn=_sentence_embedding, smoothing_groups=minilm.smoothing_groups())  # fmt: skip
+  return CalibrationSet(
+    minilm.MiniLM(),
+    minilm_batches(sentences),
+    row_mask=_real_tokens,
+    output_fn=_sentence_embedding,
+    smoothing_groups=minilm.smoothing_groups(),
+  )
 
 
 def quantize_minilm(
-    recipe: str | Recipe,
-    params: dict | None = None,
-    calibration_sentences: Sequence[str] | None = None,
-    progress: bool = False,
+  recipe: str | Recipe,
+  params: dict | None = None,
+  calibration_sentences: Sequence[str] | None = None,
+  progress: bool = False,
 ) -> Quantized:
   """`jaxquant.apply_recipe` on MiniLM, calibrated on real text (`minilm_calibration`) when
   the recipe needs data."""
@@ -127,10 +138,10 @@ def _bytes(tree) -> tuple[int, int]:
 
 
 def minilm_encoder(
-    recipe: str | Recipe,
-    params: dict | None = None,
-    qparams: dict | None = None,
-    calibration_sentences: Sequence[str] | None = None,
+  recipe: str | Recipe,
+  params: dict | None = None,
+  qparams: dict | None = None,
+  calibration_sentences: Sequence[str] | None = None,
 ) -> Encoder:
   """MiniLM quantized by `recipe` (``fp32`` or a recipe with no rules is the float model).
 
@@ -179,8 +190,11 @@ def topk_agreement(reference: np.ndarray, emb: np.ndarray, k: int = 5) -> float:
 
 def fidelity(reference: np.ndarray, emb: np.ndarray, k: int = 5) -> dict[str, float]:
   cos = cosine(reference, emb)
-  return {"mean_cosine": float(cos.mean()), "min_cosine": float(cos.min()),
-          f"top{k}_agreement": topk_agreement(reference, emb, k)}  # fmt: skip
+  return {
+    "mean_cosine": float(cos.mean()),
+    "min_cosine": float(cos.min()),
+    f"top{k}_agreement": topk_agreement(reference, emb, k),
+  }
 
 
 def timed_encode(encoder: Encoder, sentences: Sequence[str]) -> tuple[np.ndarray, float]:

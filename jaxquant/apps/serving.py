@@ -1,4 +1,5 @@
-"""Serve functions of the reference models (MiniLM, the byte-level decoder) for `jaxquant.export`."""
+"""Serve functions of the reference models (MiniLM, the byte-level decoder) for
+`jaxquant.export`."""
 
 from __future__ import annotations
 
@@ -36,18 +37,26 @@ def minilm_serve(recipe: str) -> ServeFunction:
   """all-MiniLM-L6-v2 quantized by `recipe`: ``(variables, input_ids, attention_mask,
   token_type_ids [b, s] int32) -> sentence embeddings [b, 384]`` (mean-pooled, unit norm)."""
   encoder = evaluate.minilm_encoder(recipe)
-  batch = minilm.tokenize(minilm.load_tokenizer(), ["Quantized models serve anywhere.",
-                                                    "jax.export lowers for cpu, cuda and tpu."])
-  example = tuple(np.asarray(batch[k], np.int32)
-                  for k in ("input_ids", "attention_mask", "token_type_ids"))  # fmt: skip
+  batch = minilm.tokenize(
+    minilm.load_tokenizer(),
+    ["Quantized models serve anywhere.", "jax.export lowers for cpu, cuda and tpu."],
+  )
+  example = tuple(
+    np.asarray(batch[k], np.int32) for k in ("input_ids", "attention_mask", "token_type_ids")
+  )
   return ServeFunction(
-      minilm.sentence_embedding_fn(encoder.apply_fn), encoder.variables,
-      symbolic_inputs("b, s", [np.int32] * 3, [f"s <= {minilm.MAX_SEQ_LENGTH}"]), example,
-      {"model": "minilm", "recipe": encoder.name,
-       "inputs": ["input_ids [b, s]", "attention_mask [b, s]", "token_type_ids [b, s]"],
-       "constraints": [f"s <= {minilm.MAX_SEQ_LENGTH}"],
-       "output": "sentence embeddings [b, 384], unit L2 norm"},
-  )  # fmt: skip
+    minilm.sentence_embedding_fn(encoder.apply_fn),
+    encoder.variables,
+    symbolic_inputs("b, s", [np.int32] * 3, [f"s <= {minilm.MAX_SEQ_LENGTH}"]),
+    example,
+    {
+      "model": "minilm",
+      "recipe": encoder.name,
+      "inputs": ["input_ids [b, s]", "attention_mask [b, s]", "token_type_ids [b, s]"],
+      "constraints": [f"s <= {minilm.MAX_SEQ_LENGTH}"],
+      "output": "sentence embeddings [b, 384], unit L2 norm",
+    },
+  )
 
 
 def parse_decoder_config(text: str):
@@ -57,14 +66,16 @@ def parse_decoder_config(text: str):
   for item in filter(None, (s.strip() for s in text.split(","))):
     name, _, value = item.partition("=")
     if name not in fields or not value.strip().isdigit():
-      raise ValueError(f"decoder config {item!r}: expected NAME=INT with NAME one of "
-                       f"{', '.join(sorted(fields))}.")  # fmt: skip
+      raise ValueError(
+        f"decoder config {item!r}: expected NAME=INT with NAME one of {', '.join(sorted(fields))}."
+      )
     values[name] = int(value)
   return DecoderConfig(**values)
 
 
-def decoder_serve(recipe: str, config: str = "", checkpoint: str | None = None,
-                  seed: int = 0) -> ServeFunction:  # fmt: skip
+def decoder_serve(
+  recipe: str, config: str = "", checkpoint: str | None = None, seed: int = 0
+) -> ServeFunction:
   """The byte-level decoder's forward quantized by `recipe`: ``(variables, tokens [b, t]
   int32) -> logits [b, t, 256]``. Float params from `checkpoint` (`jaxquant.save` of the
   ``params`` tree, or of ``{"params": ...}``), else random init from `seed`. Recipes that need
@@ -89,9 +100,17 @@ def decoder_serve(recipe: str, config: str = "", checkpoint: str | None = None,
   serve = quantize_model(model, result.rules, "serve", calibration=stats)
   example = (np.asarray(data.byte_windows(corpus, 2, 64, rng), np.int32),)
   return ServeFunction(
-      jax.jit(serve.apply), {"params": result.qparams}, symbolic_inputs("b, t", [np.int32]),
-      example,
-      {"model": "decoder", "recipe": rec.name, "config": dataclasses.asdict(cfg),
-       "checkpoint": checkpoint, "seed": None if checkpoint else seed,
-       "inputs": ["tokens [b, t] (bytes as int32)"], "output": "next-byte logits [b, t, 256]"},
-  )  # fmt: skip
+    jax.jit(serve.apply),
+    {"params": result.qparams},
+    symbolic_inputs("b, t", [np.int32]),
+    example,
+    {
+      "model": "decoder",
+      "recipe": rec.name,
+      "config": dataclasses.asdict(cfg),
+      "checkpoint": checkpoint,
+      "seed": None if checkpoint else seed,
+      "inputs": ["tokens [b, t] (bytes as int32)"],
+      "output": "next-byte logits [b, t, 256]",
+    },
+  )

@@ -105,9 +105,7 @@ def _unwrap(k):
 
 def promote_keeping_kernel(flax_promote, args: tuple, dtype=None, inexact=True) -> tuple:
   """Flax's dtype promotion for everything but the kernel, which stays quantized."""
-  placeholders = tuple(
-      jnp.zeros((), a.dtype) if _is_kernel(a) else a for a in args
-  )
+  placeholders = tuple(jnp.zeros((), a.dtype) if _is_kernel(a) else a for a in args)
   promoted = flax_promote(placeholders, dtype=dtype, inexact=inexact)
   return tuple(a if _is_kernel(a) else p for a, p in zip(args, promoted))
 
@@ -125,7 +123,7 @@ class _CallState:
 
 
 _STATE: contextvars.ContextVar[_CallState | None] = contextvars.ContextVar(
-    "jaxquant_flax_call", default=None
+  "jaxquant_flax_call", default=None
 )
 
 
@@ -160,7 +158,7 @@ def record(cfg: LayerConfig, x: jax.Array) -> None:
   key = state.key if state.key is not None else jax.random.key(0)
   n = len(state.stats_out)
   state.stats_out[cfg.path] = calibration.update_act_stats(
-      previous, x, jax.random.fold_in(layer_key(key, cfg.path), n)
+    previous, x, jax.random.fold_in(layer_key(key, cfg.path), n)
   )
 
 
@@ -172,10 +170,10 @@ def static_scale(cfg: LayerConfig):
   found = None if state is None else state.scales.get(cfg.path)
   if found is None:
     raise ValueError(
-        f"{cfg.path}: activation spec {cfg.act} is per-tensor, i.e. static, but no calibration "
-        "statistics were given for this layer. Run the model in mode='calibrate' on sample "
-        "batches and pass the statistics (calibration=stats), or use a per-token spec "
-        "(e.g. 'int8:token') for dynamic scales."
+      f"{cfg.path}: activation spec {cfg.act} is per-tensor, i.e. static, but no calibration "
+      "statistics were given for this layer. Run the model in mode='calibrate' on sample "
+      "batches and pass the statistics (calibration=stats), or use a per-token spec "
+      "(e.g. 'int8:token') for dynamic scales."
     )
   return found
 
@@ -209,36 +207,42 @@ class _Seam:
       return float_op(lhs, rhs.dequantize(lhs.dtype) if isinstance(rhs, QArray) else rhs)
     scale, zp = static_scale(self.cfg)
     return quant_op(
-        lhs, rhs, lhs_spec=self.cfg.act,
-        rhs_spec=None if isinstance(rhs, QArray) else self.cfg.weight,
-        lhs_scale=scale, lhs_zero_point=zp, mode=_op_mode(self.cfg),
-    )  # fmt: skip
+      lhs,
+      rhs,
+      lhs_spec=self.cfg.act,
+      rhs_spec=None if isinstance(rhs, QArray) else self.cfg.weight,
+      lhs_scale=scale,
+      lhs_zero_point=zp,
+      mode=_op_mode(self.cfg),
+    )
 
 
 class DotSeam(_Seam):
   """Stands in for ``lax.dot_general`` inside a layer."""
 
-  def __call__(self, lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None,
-               **kwargs):  # fmt: skip
+  def __call__(
+    self, lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, **kwargs
+  ):
     kw = {"precision": precision, "preferred_element_type": preferred_element_type}
     return self._run(
-        lhs, rhs,
-        lambda x, w: lax.dot_general(x, w, dimension_numbers, **kw),
-        lambda x, w, **q: qdot_general(x, w, dimension_numbers, **kw, **q),
-    )  # fmt: skip
+      lhs,
+      rhs,
+      lambda x, w: lax.dot_general(x, w, dimension_numbers, **kw),
+      lambda x, w, **q: qdot_general(x, w, dimension_numbers, **kw, **q),
+    )
 
 
 class EinsumSeam(_Seam):
   """Stands in for ``jnp.einsum`` inside a layer (two operands, lhs the input)."""
 
-  def __call__(self, subscripts, lhs, rhs, precision=None, preferred_element_type=None,
-               **kwargs):  # fmt: skip
+  def __call__(self, subscripts, lhs, rhs, precision=None, preferred_element_type=None, **kwargs):
     kw = {"precision": precision, "preferred_element_type": preferred_element_type}
     return self._run(
-        lhs, rhs,
-        lambda x, w: jnp.einsum(subscripts, x, w, **kw),
-        lambda x, w, **q: qeinsum(subscripts, x, w, **kw, **q),
-    )  # fmt: skip
+      lhs,
+      rhs,
+      lambda x, w: jnp.einsum(subscripts, x, w, **kw),
+      lambda x, w, **q: qeinsum(subscripts, x, w, **kw, **q),
+    )
 
 
 class ConvSeam(_Seam):
@@ -246,7 +250,8 @@ class ConvSeam(_Seam):
 
   def __call__(self, lhs, rhs, *args, **kwargs):
     return self._run(
-        lhs, rhs,
-        lambda x, w: lax.conv_general_dilated(x, w, *args, **kwargs),
-        lambda x, w, **q: qconv(x, w, *args, **kwargs, **q),
+      lhs,
+      rhs,
+      lambda x, w: lax.conv_general_dilated(x, w, *args, **kwargs),
+      lambda x, w, **q: qconv(x, w, *args, **kwargs, **q),
     )

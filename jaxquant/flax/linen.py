@@ -39,8 +39,11 @@ _SEAM_TYPES = {"dot_general": common.DotSeam, "conv_general_dilated": common.Con
 
 
 def _promote(*args, dtype=None, inexact=True):
-  return list(common.promote_keeping_kernel(
-      lambda a, **kw: linen_dtypes.promote_dtype(*a, **kw), args, dtype=dtype, inexact=inexact))
+  return list(
+    common.promote_keeping_kernel(
+      lambda a, **kw: linen_dtypes.promote_dtype(*a, **kw), args, dtype=dtype, inexact=inexact
+    )
+  )
 
 
 def _run_with_seams(module: nn.Module, seam_attr: str, cfg: common.LayerConfig, args, kwargs):
@@ -64,8 +67,8 @@ def _learned_quantizers(cfg: common.LayerConfig, params: dict, args: tuple):
   if cfg.mode != "fake":
     if scale is not None or alpha is not None:
       raise ValueError(
-          f"{cfg.path}: learned quantizer parameters ({LSQ}/{PACT}) are for fake mode; turn a "
-          "QAT result into serving params with jaxquant.training.convert."
+        f"{cfg.path}: learned quantizer parameters ({LSQ}/{PACT}) are for fake mode; turn a "
+        "QAT result into serving params with jaxquant.training.convert."
       )
     return cfg, args
   if scale is not None and cfg.weight is not None:
@@ -94,8 +97,9 @@ def _run_float(module: nn.Module, args, kwargs):
   """A layer no rule quantizes but that holds QArrays (an `nn.Embed` table...) or an
   ``input_scale`` runs in float: dequantized values, inputs divided by the scale."""
   variables = dict(module.variables)
-  params = {k: v.dequantize() if isinstance(v, QArray) else v
-            for k, v in variables["params"].items()}  # fmt: skip
+  params = {
+    k: v.dequantize() if isinstance(v, QArray) else v for k, v in variables["params"].items()
+  }
   args = _divide_by_input_scale(params, args)
   variables["params"] = params
   return module.clone(parent=None).apply(variables, *args, **kwargs)
@@ -118,10 +122,17 @@ def _einsum(module: nn.Einsum, cfg: common.LayerConfig, args, kwargs):
   else:
     scale, zp = common.static_scale(cfg)
     y = qeinsum(
-        equation, inputs, kernel, precision=module.precision, lhs_spec=cfg.act,
-        rhs_spec=None if isinstance(kernel, QArray) else cfg.weight, lhs_scale=scale,
-        lhs_zero_point=zp, mode="fake" if cfg.mode == "fake" else "serve", out_dtype=dtype,
-    )  # fmt: skip
+      equation,
+      inputs,
+      kernel,
+      precision=module.precision,
+      lhs_spec=cfg.act,
+      rhs_spec=None if isinstance(kernel, QArray) else cfg.weight,
+      lhs_scale=scale,
+      lhs_zero_point=zp,
+      mode="fake" if cfg.mode == "fake" else "serve",
+      out_dtype=dtype,
+    )
   if bias is not None:
     y = y + jnp.reshape(bias.astype(dtype), _bias_shape(equation, inputs.ndim, kernel.shape))
   return y
@@ -188,13 +199,20 @@ class QuantizedModel:
     if self.calibration is None:
       return {}
     configs = {
-        path: common.LayerConfig(path, *_specs(path, self.rules), self.mode)
-        for path in self.calibration
+      path: common.LayerConfig(path, *_specs(path, self.rules), self.mode)
+      for path in self.calibration
     }
     return common.scales_from_stats(self.calibration, configs)
 
-  def apply(self, variables, *args, key: jax.Array | None = None, stats: dict | None = None,
-            observer=None, **kwargs) -> Any:  # fmt: skip
+  def apply(
+    self,
+    variables,
+    *args,
+    key: jax.Array | None = None,
+    stats: dict | None = None,
+    observer=None,
+    **kwargs,
+  ) -> Any:
     """``model.apply`` with quantized layers.
 
     In calibrate mode returns ``(outputs, stats)``: `stats` maps each quantized layer's kernel
@@ -202,7 +220,10 @@ class QuantizedModel:
     `key` drives their random sampling; ``observer(path, previous, x) -> new`` replaces them
     with any other per-layer accumulation of the layer inputs.
     """
-    with common.call_state(self._scales, stats, key, observer) as state, nn.intercept_methods(self._interceptor):
+    with (
+      common.call_state(self._scales, stats, key, observer) as state,
+      nn.intercept_methods(self._interceptor),
+    ):
       out = self.model.apply(variables, *args, **kwargs)
     if self.mode == "calibrate":
       merged = dict(stats or {})
@@ -216,7 +237,8 @@ def _specs(path: str, rules: Sequence[Rule]):
   return (None, None) if cfg is None else (cfg.weight, cfg.act)
 
 
-def quantize_model(model: nn.Module, rules: Sequence[Rule], mode: str = "serve",
-                   calibration: dict | None = None) -> QuantizedModel:  # fmt: skip
+def quantize_model(
+  model: nn.Module, rules: Sequence[Rule], mode: str = "serve", calibration: dict | None = None
+) -> QuantizedModel:
   """Wraps an unchanged Linen `model` so its layers run quantized by `rules` (see module doc)."""
   return QuantizedModel(model, rules, mode, calibration)

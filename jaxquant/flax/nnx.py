@@ -27,10 +27,10 @@ from jaxquant.numerics import quantize
 from jaxquant.rules import Rule
 
 _SEAMS = {
-    nnx.Linear: ("dot_general", common.DotSeam),
-    nnx.LinearGeneral: ("dot_general", common.DotSeam),
-    nnx.Einsum: ("einsum_op", common.EinsumSeam),
-    nnx.Conv: ("conv_general_dilated", common.ConvSeam),
+  nnx.Linear: ("dot_general", common.DotSeam),
+  nnx.LinearGeneral: ("dot_general", common.DotSeam),
+  nnx.Einsum: ("einsum_op", common.EinsumSeam),
+  nnx.Conv: ("conv_general_dilated", common.ConvSeam),
 }
 
 
@@ -43,8 +43,9 @@ class ActivationScale(nnx.Variable):
 
 
 def _promote(args, /, *, dtype=None, inexact=True):
-  return common.promote_keeping_kernel(nnx_dtypes.promote_dtype, tuple(args), dtype=dtype,
-                                       inexact=inexact)  # fmt: skip
+  return common.promote_keeping_kernel(
+    nnx_dtypes.promote_dtype, tuple(args), dtype=dtype, inexact=inexact
+  )
 
 
 def _base(node) -> type | None:
@@ -85,10 +86,10 @@ def _quantized_class(base: type) -> type:
 
 
 def quantize_model(
-    model: nnx.Module,
-    rules: Sequence[Rule],
-    mode: str = "serve",
-    calibration: dict | None = None,
+  model: nnx.Module,
+  rules: Sequence[Rule],
+  mode: str = "serve",
+  calibration: dict | None = None,
 ) -> nnx.Module:
   """A quantized copy of `model` (the original is left as it is).
 
@@ -119,15 +120,16 @@ def quantize_model(
       stats = (calibration or {}).get(cfg.path)
       if stats is None:
         common.static_scale(cfg)  # raises the explanatory error
-      layer.jaxquant_act_scale = ActivationScale(common.scales_from_stats({cfg.path: stats},
-                                                                          {cfg.path: cfg})[cfg.path])
+      layer.jaxquant_act_scale = ActivationScale(
+        common.scales_from_stats({cfg.path: stats}, {cfg.path: cfg})[cfg.path]
+      )
   return qmodel
 
 
 def activation_stats(model: nnx.Module) -> dict[str, dict]:
   """``{kernel path: statistics}`` collected by a calibrate-mode model."""
   return {
-      f"{prefix}/kernel": layer.jaxquant_act_stats.get_value()
-      for prefix, layer in _layers(model)
-      if hasattr(layer, "jaxquant_act_stats")
+    f"{prefix}/kernel": layer.jaxquant_act_stats.get_value()
+    for prefix, layer in _layers(model)
+    if hasattr(layer, "jaxquant_act_stats")
   }

@@ -27,35 +27,39 @@ def _conv_lowering(rhs, rhs_out_dim: int, lhs_spec: QuantSpec | None, mode: Mode
     return Lowering("dequant", f"weight-only {rhs.spec}")
   spec = rhs.spec
   ok = (
-      spec.format == "int8" and spec.symmetric and spec.granularity in ("channel", "tensor")
-      and all(d == 1 for i, d in enumerate(rhs.scale.shape) if i != rhs_out_dim)
-      and lhs_spec.format == "int8" and lhs_spec.symmetric and lhs_spec.granularity == "tensor"
-  )  # fmt: skip
+    spec.format == "int8"
+    and spec.symmetric
+    and spec.granularity in ("channel", "tensor")
+    and all(d == 1 for i, d in enumerate(rhs.scale.shape) if i != rhs_out_dim)
+    and lhs_spec.format == "int8"
+    and lhs_spec.symmetric
+    and lhs_spec.granularity == "tensor"
+  )
   if ok:
     return Lowering("int8", "i8 x i8 -> i32 convolution, per-tensor input scale")
   return Lowering("dequant", "needs int8 per-output-feature kernel and per-tensor int8 input")
 
 
 def qconv(
-    lhs: jax.Array,
-    rhs,
-    window_strides,
-    padding,
-    lhs_dilation=None,
-    rhs_dilation=None,
-    dimension_numbers=None,
-    feature_group_count: int = 1,
-    batch_group_count: int = 1,
-    precision=None,
-    preferred_element_type=None,
-    *,
-    lhs_spec: SpecLike | None = None,
-    rhs_spec: SpecLike | None = None,
-    lhs_scale: jax.Array | None = None,
-    lhs_zero_point: jax.Array | None = None,
-    mode: Mode = "serve",
-    out_dtype=None,
-    **kwargs,
+  lhs: jax.Array,
+  rhs,
+  window_strides,
+  padding,
+  lhs_dilation=None,
+  rhs_dilation=None,
+  dimension_numbers=None,
+  feature_group_count: int = 1,
+  batch_group_count: int = 1,
+  precision=None,
+  preferred_element_type=None,
+  *,
+  lhs_spec: SpecLike | None = None,
+  rhs_spec: SpecLike | None = None,
+  lhs_scale: jax.Array | None = None,
+  lhs_zero_point: jax.Array | None = None,
+  mode: Mode = "serve",
+  out_dtype=None,
+  **kwargs,
 ) -> jax.Array:
   """Drop-in for `lax.conv_general_dilated` (same positional arguments) with quantization."""
   del kwargs
@@ -67,8 +71,17 @@ def qconv(
     rhs = quantize(rhs, rhs_spec)
   lowering = _conv_lowering(rhs, dn.rhs_spec[0], lhs_spec, mode)
   conv = lambda a, b, **kw: lax.conv_general_dilated(
-      a, b, window_strides, padding, lhs_dilation, rhs_dilation, dn, feature_group_count,
-      batch_group_count, **kw)  # fmt: skip
+    a,
+    b,
+    window_strides,
+    padding,
+    lhs_dilation,
+    rhs_dilation,
+    dn,
+    feature_group_count,
+    batch_group_count,
+    **kw,
+  )
   if lowering.name == "int8":
     q_lhs, s_lhs, _ = quantize_along(lhs, lhs_spec, tuple(range(lhs.ndim)), scale=lhs_scale)
     acc = conv(q_lhs, rhs.values, preferred_element_type=jnp.int32)
@@ -82,6 +95,7 @@ def qconv(
   if lhs_spec is not None:
     axes = tuple(range(lhs.ndim)) if lhs_spec.granularity == "tensor" else (dn.lhs_spec[1],)
     x = fake_quant_along(lhs, lhs_spec, axes, scale=lhs_scale, zero_point=lhs_zero_point)
-  out = conv(x, w.astype(x.dtype), precision=precision,
-             preferred_element_type=preferred_element_type)  # fmt: skip
+  out = conv(
+    x, w.astype(x.dtype), precision=precision, preferred_element_type=preferred_element_type
+  )
   return out.astype(out_dtype)

@@ -31,11 +31,11 @@ import numpy as np
 from jax import lax
 
 from jaxquant.numerics import (
-    dequantize,
-    fake_quant,
-    fake_quant_along,
-    quantize,
-    quantize_along,
+  dequantize,
+  fake_quant,
+  fake_quant_along,
+  quantize,
+  quantize_along,
 )
 from jaxquant.ops import lowerings as low
 from jaxquant.ops.fake_int8 import ste_int8_dot_general, ste_int8_reason
@@ -76,8 +76,8 @@ def activation_axes(spec: QuantSpec, ndim: int, contracting: tuple[int, ...]) ->
   if spec.granularity == "token":
     return contracting
   raise ValueError(
-      f"Activation spec {spec}: activations take 'token' (dynamic, one scale per token) or "
-      "'tensor' (one scale, static when calibrated) granularity."
+    f"Activation spec {spec}: activations take 'token' (dynamic, one scale per token) or "
+    "'tensor' (one scale, static when calibrated) granularity."
   )
 
 
@@ -100,16 +100,16 @@ def _int8_weights_reason(rhs: QArray, contracting: tuple[int, ...]) -> str | Non
 
 
 def choose_lowering(
-    lhs_ndim: int,
-    rhs,
-    dims: DotDims,
-    lhs_spec: QuantSpec | None,
-    mode: Mode = "serve",
-    rhs_spec: QuantSpec | None = None,
-    *,
-    lhs_shape: tuple[int, ...] | None = None,
-    lowering: str | None = None,
-    backend: str | None = None,
+  lhs_ndim: int,
+  rhs,
+  dims: DotDims,
+  lhs_spec: QuantSpec | None,
+  mode: Mode = "serve",
+  rhs_spec: QuantSpec | None = None,
+  *,
+  lhs_shape: tuple[int, ...] | None = None,
+  lowering: str | None = None,
+  backend: str | None = None,
 ) -> Lowering:
   """The lowering `qdot_general` takes for these operands (see `explain`).
 
@@ -122,8 +122,10 @@ def choose_lowering(
   if mode == "fake":
     why = ste_int8_reason(lhs_spec, rhs_spec, rhs_ndim, rc)
     if why is None and not isinstance(rhs, QArray):
-      return Lowering("int8-ste", "fake W8A8 on the serve path: i8 x i8 -> i32 forward, "
-                      "straight-through float backward")  # fmt: skip
+      return Lowering(
+        "int8-ste",
+        "fake W8A8 on the serve path: i8 x i8 -> i32 forward, straight-through float backward",
+      )
     return Lowering("float", "fake quantization: float dot of quantize-dequantized operands")
   if not isinstance(rhs, QArray):
     if lhs_spec is None:
@@ -158,16 +160,29 @@ def _choose_serve(lhs_ndim, rhs: QArray, dims, lhs_spec, lhs_shape, force, backe
     raise ValueError(f"lowering='w4a8' cannot apply: {w4_why}.")
   if int8_why is None and force != "w4a8":
     what = "weight-only int8 served W8A8-dynamic: " if dynamic else ""
-    return Lowering("int8", f"{what}i8 x i8 -> i32 dot_general ({low.layout_note(rhs, rc)}), "
-                    f"rescaled by {act_name} x {rhs.spec}", pad, act_name)  # fmt: skip
+    return Lowering(
+      "int8",
+      f"{what}i8 x i8 -> i32 dot_general ({low.layout_note(rhs, rc)}), "
+      f"rescaled by {act_name} x {rhs.spec}",
+      pad,
+      act_name,
+    )
   auto_w4 = dynamic and backend == "cpu"
   if w4_why is None and (force == "w4a8" or auto_w4):
     if force == "w4a8" or rows is None or groups == 1 or rows * groups <= low.W4A8_MAX_ROWS:
-      return Lowering("w4a8", f"{rhs.spec} codes widened to int8 in the graph, {act_name} "
-                      f"activations, i8 x i8 -> i32 dot ({groups} scale group(s) along the "
-                      f"contraction, block-diagonal rows)", pad, act_name)  # fmt: skip
-    return Lowering("dequant", f"w4a8 would need {rows} x {groups} rows > "
-                    f"{low.W4A8_MAX_ROWS}: weights dequantized in the graph")  # fmt: skip
+      return Lowering(
+        "w4a8",
+        f"{rhs.spec} codes widened to int8 in the graph, {act_name} "
+        f"activations, i8 x i8 -> i32 dot ({groups} scale group(s) along the "
+        f"contraction, block-diagonal rows)",
+        pad,
+        act_name,
+      )
+    return Lowering(
+      "dequant",
+      f"w4a8 would need {rows} x {groups} rows > "
+      f"{low.W4A8_MAX_ROWS}: weights dequantized in the graph",
+    )
   if dynamic:
     return Lowering("dequant", f"weight-only {rhs.spec}: dequantized in the graph")
   why = int8_why if rhs.spec.format == "int8" or w4_why is None else w4_why
@@ -176,20 +191,20 @@ def _choose_serve(lhs_ndim, rhs: QArray, dims, lhs_spec, lhs_shape, force, backe
 
 # --------------------------------------------------------------------------- the seam
 def qdot_general(
-    lhs: jax.Array,
-    rhs: jax.Array | QArray,
-    dimension_numbers: DotDims,
-    precision=None,
-    preferred_element_type=None,
-    *,
-    lhs_spec: SpecLike | None = None,
-    rhs_spec: SpecLike | None = None,
-    lhs_scale: jax.Array | None = None,
-    lhs_zero_point: jax.Array | None = None,
-    mode: Mode = "serve",
-    out_dtype=None,
-    lowering: str | None = None,
-    **kwargs,
+  lhs: jax.Array,
+  rhs: jax.Array | QArray,
+  dimension_numbers: DotDims,
+  precision=None,
+  preferred_element_type=None,
+  *,
+  lhs_spec: SpecLike | None = None,
+  rhs_spec: SpecLike | None = None,
+  lhs_scale: jax.Array | None = None,
+  lhs_zero_point: jax.Array | None = None,
+  mode: Mode = "serve",
+  out_dtype=None,
+  lowering: str | None = None,
+  **kwargs,
 ) -> jax.Array:
   """`lax.dot_general` with quantized operands.
 
@@ -218,8 +233,9 @@ def qdot_general(
   (lc, _), _ = dims
   if mode == "serve" and rhs_spec is not None and not isinstance(rhs, QArray):
     rhs = quantize(rhs, rhs_spec)
-  lowering = choose_lowering(lhs.ndim, rhs, dims, lhs_spec, mode, rhs_spec,
-                             lhs_shape=tuple(lhs.shape), lowering=lowering)  # fmt: skip
+  lowering = choose_lowering(
+    lhs.ndim, rhs, dims, lhs_spec, mode, rhs_spec, lhs_shape=tuple(lhs.shape), lowering=lowering
+  )
   log.debug("qdot_general %s x %s: %s", lhs.shape, getattr(rhs, "shape", None), lowering)
 
   if lowering.name == "int8-ste":
@@ -229,8 +245,9 @@ def qdot_general(
 
   if lowering.name in ("w4a8", "int8"):  # int8 activations: static scale, or dynamic
     act = lhs_spec or low.DYNAMIC_INT8
-    q_lhs, s_lhs, _ = quantize_along(lhs, act, activation_axes(act, lhs.ndim, lc),
-                                     scale=lhs_scale if lhs_spec else None)  # fmt: skip
+    q_lhs, s_lhs, _ = quantize_along(
+      lhs, act, activation_axes(act, lhs.ndim, lc), scale=lhs_scale if lhs_spec else None
+    )
   if lowering.name == "w4a8":
     return low.w4a8_dot(q_lhs, s_lhs, rhs, dims, lowering.pad_rows).astype(out_dtype)
   if lowering.name == "int8":
@@ -243,8 +260,9 @@ def qdot_general(
   if lhs_spec is not None:
     axes = activation_axes(lhs_spec, lhs.ndim, lc)
     x = fake_quant_along(lhs, lhs_spec, axes, scale=lhs_scale, zero_point=lhs_zero_point)
-  out = lax.dot_general(x, w.astype(x.dtype), dims, precision=precision,
-                        preferred_element_type=preferred_element_type)  # fmt: skip
+  out = lax.dot_general(
+    x, w.astype(x.dtype), dims, precision=precision, preferred_element_type=preferred_element_type
+  )
   return out.astype(out_dtype)
 
 
@@ -258,14 +276,14 @@ def float_weights(rhs, rhs_spec: QuantSpec | None, dtype) -> jax.Array:
 
 
 def explain(
-    lhs: jax.Array | jax.ShapeDtypeStruct,
-    rhs,
-    dimension_numbers: DotDims | None = None,
-    lhs_spec: SpecLike | None = None,
-    mode: Mode = "serve",
-    rhs_spec: SpecLike | None = None,
-    lowering: str | None = None,
-    backend: str | None = None,
+  lhs: jax.Array | jax.ShapeDtypeStruct,
+  rhs,
+  dimension_numbers: DotDims | None = None,
+  lhs_spec: SpecLike | None = None,
+  mode: Mode = "serve",
+  rhs_spec: SpecLike | None = None,
+  lowering: str | None = None,
+  backend: str | None = None,
 ) -> Lowering:
   """Which lowering `qdot_general` picks for these operands, and why.
 
@@ -274,6 +292,14 @@ def explain(
   """
   if dimension_numbers is None:
     dimension_numbers = (((len(lhs.shape) - 1,), (0,)), ((), ()))
-  return choose_lowering(len(lhs.shape), rhs, dimension_numbers, as_spec(lhs_spec), mode,
-                         as_spec(rhs_spec), lhs_shape=tuple(lhs.shape), lowering=lowering,
-                         backend=backend)  # fmt: skip
+  return choose_lowering(
+    len(lhs.shape),
+    rhs,
+    dimension_numbers,
+    as_spec(lhs_spec),
+    mode,
+    as_spec(rhs_spec),
+    lhs_shape=tuple(lhs.shape),
+    lowering=lowering,
+    backend=backend,
+  )

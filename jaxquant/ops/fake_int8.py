@@ -42,7 +42,7 @@ from jaxquant.spec import QuantSpec
 
 SteBackward = Literal["float", "quantized"]
 _STE_BACKWARD: contextvars.ContextVar[SteBackward] = contextvars.ContextVar(
-    "jaxquant_ste_backward", default="float"
+  "jaxquant_ste_backward", default="float"
 )
 
 
@@ -50,8 +50,8 @@ _STE_BACKWARD: contextvars.ContextVar[SteBackward] = contextvars.ContextVar(
 def ste_backward(mode: SteBackward) -> Iterator[None]:
   """Within this context, fake W8A8 contractions traced take the `mode` backward::
 
-      with jaxquant.ops.ste_backward("quantized"):
-        step = make_train_step(...); step(state, batch)   # traced (first call) inside
+  with jaxquant.ops.ste_backward("quantized"):
+    step = make_train_step(...); step(state, batch)   # traced (first call) inside
   """
   if mode not in ("float", "quantized"):
     raise ValueError(f"ste_backward takes 'float' or 'quantized', got {mode!r}.")
@@ -66,10 +66,10 @@ DotDims = tuple[tuple[tuple[int, ...], tuple[int, ...]], tuple[tuple[int, ...], 
 
 
 def ste_int8_reason(
-    lhs_spec: QuantSpec | None,
-    rhs_spec: QuantSpec | None,
-    rhs_ndim: int,
-    rhs_contracting: tuple[int, ...],
+  lhs_spec: QuantSpec | None,
+  rhs_spec: QuantSpec | None,
+  rhs_ndim: int,
+  rhs_contracting: tuple[int, ...],
 ) -> str | None:
   """Why a fake-mode contraction cannot run on the integer path (None if it can)."""
   if lhs_spec is None or rhs_spec is None:
@@ -127,8 +127,10 @@ def _bwd_operands(backward: SteBackward, saved):
   if backward == "float":
     return saved
   q_l, s_l, q_r, s_r, (l_probe, r_probe) = saved
-  return ((q_l.astype(jnp.float32) * s_l).astype(l_probe.dtype),
-          (q_r.astype(jnp.float32) * s_r).astype(r_probe.dtype))  # fmt: skip
+  return (
+    (q_l.astype(jnp.float32) * s_l).astype(l_probe.dtype),
+    (q_r.astype(jnp.float32) * s_r).astype(r_probe.dtype),
+  )
 
 
 def _ste_dot_bwd(dims, lhs_spec, rhs_spec, lhs_axes, backward, res, g):
@@ -147,14 +149,14 @@ _ste_dot.defvjp(_ste_dot_fwd, _ste_dot_bwd)
 
 
 def ste_int8_dot_general(
-    lhs: jax.Array,
-    rhs: jax.Array,
-    dims: DotDims,
-    lhs_spec: QuantSpec,
-    rhs_spec: QuantSpec,
-    lhs_axes: tuple[int, ...],
-    lhs_scale: jax.Array | None = None,
-    backward: SteBackward | None = None,
+  lhs: jax.Array,
+  rhs: jax.Array,
+  dims: DotDims,
+  lhs_spec: QuantSpec,
+  rhs_spec: QuantSpec,
+  lhs_axes: tuple[int, ...],
+  lhs_scale: jax.Array | None = None,
+  backward: SteBackward | None = None,
 ) -> jax.Array:
   """``dot_general(fq(lhs), fq(rhs))`` on the int8 path, straight-through gradients.
 

@@ -54,8 +54,10 @@ class Options:
   dynamic_int8: bool = False
 
 
-_OPTIONS: contextvars.ContextVar[Options] = contextvars.ContextVar("jaxquant_lowering",
-                                                                  default=Options())  # fmt: skip
+_DEFAULT_OPTIONS = Options()  # frozen: safe to share as the default
+_OPTIONS: contextvars.ContextVar[Options] = contextvars.ContextVar(
+  "jaxquant_lowering", default=_DEFAULT_OPTIONS
+)
 
 
 def current_options() -> Options:
@@ -76,8 +78,10 @@ def lowering_scope(force: str | None = None, *, dynamic_int8: bool | None = None
   old = _OPTIONS.get()
   if force is not None and force not in LOWERINGS:
     raise ValueError(f"lowering {force!r}: choose one of {LOWERINGS} (or None for automatic).")
-  new = Options(force if force is not None else old.force,
-                old.dynamic_int8 if dynamic_int8 is None else dynamic_int8)  # fmt: skip
+  new = Options(
+    force if force is not None else old.force,
+    old.dynamic_int8 if dynamic_int8 is None else dynamic_int8,
+  )
   token = _OPTIONS.set(new)
   try:
     yield new
@@ -192,8 +196,9 @@ def _nibbles(packed: jax.Array, signed: bool) -> tuple[jax.Array, jax.Array]:
   s = lax.bitcast_convert_type(packed, jnp.int8)
   four = jnp.int8(4)
   if signed:
-    return lax.shift_right_arithmetic(lax.shift_left(s, four), four), \
-        lax.shift_right_arithmetic(s, four)  # fmt: skip
+    return lax.shift_right_arithmetic(lax.shift_left(s, four), four), lax.shift_right_arithmetic(
+      s, four
+    )
   return s & jnp.int8(0xF), lax.shift_right_logical(s, four)
 
 
@@ -244,15 +249,19 @@ def w4a8_dot(q_lhs: jax.Array, s_lhs: jax.Array, q: QArray, dims, pad: int) -> j
     c_stored = _stored_dims(q, (rc,))[0]
     if packed_axis == rc:  # nibbles split the contraction: even / odd indices
       xk = jnp.pad(x, ((0, 0), (0, k % 2)))
-      halves = [(_block_diag(xk[:, 0::2], groups), lo, c_stored),
-                (_block_diag(xk[:, 1::2], groups), hi, c_stored)]  # fmt: skip
+      halves = [
+        (_block_diag(xk[:, 0::2], groups), lo, c_stored),
+        (_block_diag(xk[:, 1::2], groups), hi, c_stored),
+      ]
       interleave = False
     else:  # nibbles split the output columns: even / odd
       xb = _block_diag(x, groups)
       halves = [(xb, lo, c_stored), (xb, hi, c_stored)]
       interleave = True
-  accs = [lax.dot_general(xb, w, (((1,), (c,)), ((), ())), preferred_element_type=jnp.int32)
-          for xb, w, c in halves]  # fmt: skip
+  accs = [
+    lax.dot_general(xb, w, (((1,), (c,)), ((), ())), preferred_element_type=jnp.int32)
+    for xb, w, c in halves
+  ]
   if interleave:
     acc = jnp.stack(accs, axis=-1).reshape(accs[0].shape[0], -1)[:, :n]
   else:
@@ -274,8 +283,14 @@ def free_axes(ndim: int, *used: tuple[int, ...]) -> tuple[int, ...]:
   return tuple(a for a in range(ndim) if a not in taken)
 
 
-def rescale(acc: jax.Array, s_lhs: jax.Array, s_rhs: jax.Array, lhs_shape: tuple[int, ...],
-            rhs_ndim: int, dims) -> jax.Array:  # fmt: skip
+def rescale(
+  acc: jax.Array,
+  s_lhs: jax.Array,
+  s_rhs: jax.Array,
+  lhs_shape: tuple[int, ...],
+  rhs_ndim: int,
+  dims,
+) -> jax.Array:
   """``acc · s_lhs · s_rhs`` in float32, the scales moved to `dot_general`'s output layout
   ``[batch..., lhs free..., rhs free...]``.
 
@@ -286,9 +301,11 @@ def rescale(acc: jax.Array, s_lhs: jax.Array, s_rhs: jax.Array, lhs_shape: tuple
   lfree, rfree = free_axes(len(lhs_shape), lc, lb), free_axes(rhs_ndim, rc, rb)
   s_l = jnp.broadcast_to(s_lhs, tuple(1 if a in lc else d for a, d in enumerate(lhs_shape)))
   s_l = jnp.transpose(s_l, lb + lfree + lc).reshape(
-      tuple(s_l.shape[a] for a in lb + lfree) + (1,) * len(rfree))
+    tuple(s_l.shape[a] for a in lb + lfree) + (1,) * len(rfree)
+  )
   s_r = jnp.transpose(s_rhs, rb + rfree + rc).reshape(
-      tuple(s_rhs.shape[a] for a in rb) + (1,) * len(lfree) + tuple(s_rhs.shape[a] for a in rfree))
+    tuple(s_rhs.shape[a] for a in rb) + (1,) * len(lfree) + tuple(s_rhs.shape[a] for a in rfree)
+  )
   return acc.astype(jnp.float32) * s_l * s_r
 
 

@@ -7,6 +7,19 @@ from jaxquant.ptq.gptq import GPTQConfig, gptq_quantize
 from jaxquant.ptq.smooth import SmoothGroup
 from jaxquant.ptq.steps import REGISTRY, StatRequest, make_step, register
 
-__all__ = ["REGISTRY", "CalibrationSet", "GPTQConfig", "Result", "SmoothGroup", "StatRequest",
-           "block_of", "capture", "collect_inputs", "gptq_quantize", "hessian_observer",
-           "make_step", "register", "run"]  # fmt: skip
+__all__ = [
+  "REGISTRY",
+  "CalibrationSet",
+  "GPTQConfig",
+  "Result",
+  "SmoothGroup",
+  "StatRequest",
+  "block_of",
+  "capture",
+  "collect_inputs",
+  "gptq_quantize",
+  "hessian_observer",
+  "make_step",
+  "register",
+  "run",
+]

@@ -77,20 +77,22 @@ def activation_observer(paths: Iterable[str]) -> Observer:
     current = {"abs_sum": jnp.sum(a, 0), "abs_max": jnp.max(a, 0), "n": jnp.sum(m)}
     if previous is None:
       return current
-    return {"abs_sum": previous["abs_sum"] + current["abs_sum"],
-            "abs_max": jnp.maximum(previous["abs_max"], current["abs_max"]),
-            "n": previous["n"] + current["n"]}  # fmt: skip
+    return {
+      "abs_sum": previous["abs_sum"] + current["abs_sum"],
+      "abs_max": jnp.maximum(previous["abs_max"], current["abs_max"]),
+      "n": previous["n"] + current["n"],
+    }
 
   return observe
 
 
 def capture(
-    model,
-    params: dict,
-    rules: Sequence[Rule],
-    batches: Sequence[tuple],
-    observer: Observer,
-    row_mask: RowMask | None = None,
+  model,
+  params: dict,
+  rules: Sequence[Rule],
+  batches: Sequence[tuple],
+  observer: Observer,
+  row_mask: RowMask | None = None,
 ) -> dict[str, Any]:
   """Runs the Linen `model` on every batch (argument tuples for ``apply``) and returns what
   `observer` accumulated per kernel path. The forward is float (calibrate mode).
@@ -116,12 +118,12 @@ def capture(
 
 
 def collect_inputs(
-    model,
-    params: dict,
-    rules: Sequence[Rule],
-    batches: Sequence[tuple],
-    paths: Iterable[str],
-    row_mask: RowMask | None = None,
+  model,
+  params: dict,
+  rules: Sequence[Rule],
+  batches: Sequence[tuple],
+  paths: Iterable[str],
+  row_mask: RowMask | None = None,
 ) -> dict[str, np.ndarray]:
   """Every real input row of the layers `paths` over all batches: ``{path: [n, d_in]}``
   float32 (AWQ's search data). The forward is float (calibrate mode)."""
@@ -149,8 +151,13 @@ def collect_inputs(
 def execution_order(model, params, rules: Sequence[Rule], batch: tuple, paths) -> list[str]:
   """Kernel paths among `paths` in the order the model calls their layers (one forward)."""
   wanted = set(paths)
-  seen = capture(model, params, rules, [batch],
-                 lambda path, prev, x, *_: jnp.zeros(()) if path in wanted else None)  # fmt: skip
+  seen = capture(
+    model,
+    params,
+    rules,
+    [batch],
+    lambda path, prev, x, *_: jnp.zeros(()) if path in wanted else None,
+  )
   return list(seen)
 
 

@@ -70,8 +70,14 @@ def needs_data(steps: Sequence[Any]) -> bool:
   return any(s.needs is not None for s in steps)
 
 
-def run(params: PyTree, plan: Plan, smoothers: Sequence[Any], quantizer: Any,
-        data: CalibrationSet | None = None, progress: bool | Callable = False) -> Result:  # fmt: skip
+def run(
+  params: PyTree,
+  plan: Plan,
+  smoothers: Sequence[Any],
+  quantizer: Any,
+  data: CalibrationSet | None = None,
+  progress: bool | Callable = False,
+) -> Result:
   """Quantizes `params` by `plan` (its rules, computed once) with the `smoothers` then the
   `quantizer` (`jaxquant.ptq.steps`), layer-sequentially when any step needs data."""
   plan.check()
@@ -81,15 +87,21 @@ def run(params: PyTree, plan: Plan, smoothers: Sequence[Any], quantizer: Any,
   if data is None or not data.batches:
     names = ", ".join(s.name for s in [*smoothers, quantizer] if s.needs is not None)
     raise ValueError(
-        f"PTQ steps {names} need calibration data: pass a CalibrationSet (the Linen model and "
-        "batches of its inputs), or use data-free steps (rtn, hqq)."
+      f"PTQ steps {names} need calibration data: pass a CalibrationSet (the Linen model and "
+      "batches of its inputs), or use data-free steps (rtn, hqq)."
     )
   rules = plan.rules
   leaves = dict(named_leaves(params))
-  specs = {r.path: r.spec for r in plan.quantized
-           if r.batch_dims == 0 and len(r.shape) == 2 and not isinstance(leaves[r.path], QArray)}  # fmt: skip
-  eligible = {p for p, spec in specs.items()
-              if quantizer.needs is not None and quantizer.eligible(spec, leaves[p].shape)}  # fmt: skip
+  specs = {
+    r.path: r.spec
+    for r in plan.quantized
+    if r.batch_dims == 0 and len(r.shape) == 2 and not isinstance(leaves[r.path], QArray)
+  }
+  eligible = {
+    p
+    for p, spec in specs.items()
+    if quantizer.needs is not None and quantizer.eligible(spec, leaves[p].shape)
+  }
   candidates = set(specs) if smoothers else eligible
   order = execution_order(data.model, params, rules, data.batches[0], candidates)
   groups = _groups(data.smoothing_groups, order, specs) if smoothers else []
@@ -106,8 +118,11 @@ def run(params: PyTree, plan: Plan, smoothers: Sequence[Any], quantizer: Any,
       scales = {}
       weights = dict(named_leaves(current))
       for i, g in enumerate(mine):
-        s, note = smoother(stats[smoother.needs.kind][g.layers[0]],
-                           [np.asarray(weights[p]) for p in g.layers], specs[g.layers[0]])  # fmt: skip
+        s, note = smoother(
+          stats[smoother.needs.kind][g.layers[0]],
+          [np.asarray(weights[p]) for p in g.layers],
+          specs[g.layers[0]],
+        )
         scales[i] = s
         info[smoother.name][",".join(g.layers)] = note
         for kind in stats:
@@ -137,8 +152,9 @@ def _groups(given, order: Sequence[str], specs: dict) -> list[SmoothGroup]:
   return [g for g in groups if all(p in specs and p in ran for p in g.layers)]
 
 
-def _capture(data: CalibrationSet, current, rules, block, groups, smoothers, quantizer,
-             eligible) -> dict[str, dict]:  # fmt: skip
+def _capture(
+  data: CalibrationSet, current, rules, block, groups, smoothers, quantizer, eligible
+) -> dict[str, dict]:
   """``{stat kind: {path: statistics}}`` for the block: the smoothers' on each group's first
   layer, the quantizer's on the layers it takes."""
   wanted: dict[str, set[str]] = {}
@@ -150,8 +166,9 @@ def _capture(data: CalibrationSet, current, rules, block, groups, smoothers, qua
   out: dict[str, dict] = {}
   for request in requests:
     paths = [p for p in block if p in wanted.get(request.kind, ())]
-    out[request.kind] = capture_stats(data.model, current, rules, data.batches, request, paths,
-                                      data.row_mask)  # fmt: skip
+    out[request.kind] = capture_stats(
+      data.model, current, rules, data.batches, request, paths, data.row_mask
+    )
   return out
 
 

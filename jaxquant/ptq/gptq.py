@@ -37,9 +37,15 @@ class GPTQConfig:
 def gptq_eligible(spec: QuantSpec | None, shape) -> bool:
   """Whether GPTQ applies: a 2-D ``[in, out]`` kernel, an integer spec per output channel or
   in groups along the input axis."""
-  return (spec is not None and spec.info.kind == "int" and len(shape) == 2
-          and (spec.granularity == "channel" and spec.resolved_axis(2) == 1
-               or spec.granularity == "group" and spec.resolved_axis(2) == 0))  # fmt: skip
+  return (
+    spec is not None
+    and spec.info.kind == "int"
+    and len(shape) == 2
+    and (
+      (spec.granularity == "channel" and spec.resolved_axis(2) == 1)
+      or (spec.granularity == "group" and spec.resolved_axis(2) == 0)
+    )
+  )
 
 
 _compute_scale = jax.jit(compute_scale, static_argnums=1)  # one compile per group shape
@@ -79,16 +85,16 @@ def damped_inverse_factor(h: np.ndarray, damp: float, tries: int) -> tuple[np.nd
     except np.linalg.LinAlgError:
       lam *= 10
   raise ValueError(
-      f"GPTQ: the Hessian stays singular after damping up to {lam / 10:.3g} "
-      f"({tries} tries); use more calibration data or a larger damp."
+    f"GPTQ: the Hessian stays singular after damping up to {lam / 10:.3g} "
+    f"({tries} tries); use more calibration data or a larger damp."
   )
 
 
 def gptq_quantize(
-    w: np.ndarray,
-    h: np.ndarray,
-    spec: SpecLike,
-    config: GPTQConfig = GPTQConfig(),
+  w: np.ndarray,
+  h: np.ndarray,
+  spec: SpecLike,
+  config: GPTQConfig = GPTQConfig(),
 ) -> tuple[QArray, dict]:
   """GPTQ of a kernel ``w [in, out]`` given ``h = XᵀX`` (any positive multiple) ``[in, in]``.
 
@@ -159,6 +165,8 @@ def _as_qarray(codes, scales, zeros, spec: QuantSpec, w) -> QArray:
   else:
     scale = scales.reshape(1, n_out)
   values = jnp.asarray(codes.astype(spec.info.storage))
-  zero = None if spec.symmetric else jnp.asarray(zeros.reshape(scale.shape).astype(spec.info.storage))
+  zero = (
+    None if spec.symmetric else jnp.asarray(zeros.reshape(scale.shape).astype(spec.info.storage))
+  )
   scale = jnp.asarray(scale.astype(spec.scale_storage))
   return from_codes(values, scale, zero, spec, np.dtype(w.dtype))

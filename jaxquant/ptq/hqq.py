@@ -28,13 +28,13 @@ def shrink_lp(x: jax.Array, beta: float, p: float) -> jax.Array:
 
 
 def hqq_quantize(
-    w: jax.Array,
-    spec: SpecLike,
-    *,
-    iters: int = 20,
-    p: float = 0.7,
-    beta: float = 10.0,
-    kappa: float = 1.01,
+  w: jax.Array,
+  spec: SpecLike,
+  *,
+  iters: int = 20,
+  p: float = 0.7,
+  beta: float = 10.0,
+  kappa: float = 1.01,
 ) -> QArray:
   """HQQ of `w` under an asymmetric integer `spec` (groups or channels); float32 zero points."""
   spec = as_spec(spec)

@@ -26,10 +26,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxquant import calibration
+from jaxquant.flax.common import INPUT_SCALE
 from jaxquant.numerics import dequantize, grouped_view, quantize, scale_from_range
 from jaxquant.qarray import QArray
 from jaxquant.spec import QuantSpec
-from jaxquant.flax.common import INPUT_SCALE
 from jaxquant.transforms import map_leaves, named_leaves
 
 AWQ_ALPHAS = tuple(i / 20 for i in range(20))
@@ -144,9 +144,13 @@ def awq_candidates(x_mean: np.ndarray, w_mean: np.ndarray | None, grid: int = 20
 
 
 def awq_search(
-    x: np.ndarray, x_mean: np.ndarray, weights: Sequence[np.ndarray], spec: QuantSpec,
-    duo: bool = True, grid: int = 20,
-) -> tuple[np.ndarray, float, float]:  # fmt: skip
+  x: np.ndarray,
+  x_mean: np.ndarray,
+  weights: Sequence[np.ndarray],
+  spec: QuantSpec,
+  duo: bool = True,
+  grid: int = 20,
+) -> tuple[np.ndarray, float, float]:
   """Best AWQ scale for the layers sharing input rows ``x [n, in]`` (mean ``|x|`` per channel
   `x_mean`): the grid point minimising their summed output error (see `awq_candidates`).
   Returns ``(s, α, loss ratio vs s = 1)``."""
@@ -188,8 +192,11 @@ def _best_clip(x: jax.Array, w: jax.Array, spec: QuantSpec, ratios: tuple[float,
       best = (err, scale, zero)
     else:
       better = err < best[0]
-      best = (jnp.where(better, err, best[0]), jnp.where(better, scale, best[1]),
-              None if zero is None else jnp.where(better, zero, best[2]))  # fmt: skip
+      best = (
+        jnp.where(better, err, best[0]),
+        jnp.where(better, scale, best[1]),
+        None if zero is None else jnp.where(better, zero, best[2]),
+      )
   return best[1], best[2]
 
 

@@ -29,11 +29,11 @@ import numpy as np
 from jaxquant.numerics import quantize
 from jaxquant.ptq import smooth
 from jaxquant.ptq.capture import (
-    RowMask,
-    activation_observer,
-    capture,
-    collect_inputs,
-    hessian_observer,
+  RowMask,
+  activation_observer,
+  capture,
+  collect_inputs,
+  hessian_observer,
 )
 from jaxquant.ptq.gptq import GPTQConfig, gptq_eligible, gptq_quantize
 from jaxquant.ptq.hqq import hqq_quantize
@@ -73,8 +73,9 @@ class Quantizer(Step, Protocol):
 
 
 class Smoother(Step, Protocol):
-  def __call__(self, stats: Stats, weights: Sequence[np.ndarray],
-               spec: QuantSpec) -> tuple[np.ndarray, dict]: ...  # fmt: skip
+  def __call__(
+    self, stats: Stats, weights: Sequence[np.ndarray], spec: QuantSpec
+  ) -> tuple[np.ndarray, dict]: ...
 
 
 REGISTRY: dict[str, type] = {}
@@ -101,8 +102,9 @@ def make_step(name: str, options: Mapping[str, Any] | None = None) -> Any:
   known = {f.name for f in dataclasses.fields(cls)}
   unknown = set(options or {}) - known
   if unknown:
-    raise ValueError(f"Step {name!r}: unknown options {sorted(unknown)}; it takes "
-                     f"{sorted(known) or 'none'}.")  # fmt: skip
+    raise ValueError(
+      f"Step {name!r}: unknown options {sorted(unknown)}; it takes {sorted(known) or 'none'}."
+    )
   try:
     return cls(**(options or {}))
   except (TypeError, ValueError) as e:
@@ -216,15 +218,20 @@ class AWQ:
 
   def __call__(self, stats, weights, spec):
     x = smooth.even_rows(stats["x"], self.search_rows)
-    s, alpha, ratio = smooth.awq_search(x, stats["abs_mean"], weights, spec, self.duo,
-                                        self.grid)  # fmt: skip
+    s, alpha, ratio = smooth.awq_search(x, stats["abs_mean"], weights, spec, self.duo, self.grid)
     return s, {"alpha": alpha, "loss_vs_rtn": ratio}
 
 
 # --------------------------------------------------------------------------- statistics
-def capture_stats(model, params, rules: Sequence[Rule], batches: Sequence[tuple],
-                  request: StatRequest, paths: Sequence[str],
-                  row_mask: RowMask | None = None) -> dict[str, dict]:  # fmt: skip
+def capture_stats(
+  model,
+  params,
+  rules: Sequence[Rule],
+  batches: Sequence[tuple],
+  request: StatRequest,
+  paths: Sequence[str],
+  row_mask: RowMask | None = None,
+) -> dict[str, dict]:
   """``{path: statistics}`` of the inputs of the layers `paths` (see `StatRequest`), from one
   float forward over `batches` with `params` (calibrate mode)."""
   if not paths:
@@ -236,9 +243,14 @@ def capture_stats(model, params, rules: Sequence[Rule], batches: Sequence[tuple]
     acc = capture(model, params, rules, batches, activation_observer(paths), row_mask)
     return {p: {k: np.asarray(v) for k, v in a.items()} for p, a in acc.items()}
   rows = collect_inputs(model, params, rules, batches, paths, row_mask)
-  return {p: {"x": smooth.even_rows(x, request.max_rows),
-              "abs_mean": np.mean(np.abs(x), axis=0), "n": x.shape[0]}
-          for p, x in rows.items()}  # fmt: skip
+  return {
+    p: {
+      "x": smooth.even_rows(x, request.max_rows),
+      "abs_mean": np.mean(np.abs(x), axis=0),
+      "n": x.shape[0],
+    }
+    for p, x in rows.items()
+  }
 
 
 def merged(requests: Sequence[StatRequest]) -> list[StatRequest]:

@@ -23,7 +23,7 @@ import dataclasses
 import importlib.resources
 import re
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -64,8 +64,8 @@ class Recipe:
     ranks = [order[s.kind] for s in made]
     if ranks != sorted(ranks) or ranks.count(2) > 1:
       raise ValueError(
-          f"steps {[n for n, _ in self.steps]} are out of order: write selectors (mixed), then "
-          "smoothers (smoothquant, awq), then at most one quantizer (rtn, gptq, awq_clip, hqq)."
+        f"steps {[n for n, _ in self.steps]} are out of order: write selectors (mixed), then "
+        "smoothers (smoothquant, awq), then at most one quantizer (rtn, gptq, awq_clip, hqq)."
       )
     selectors = [s for s in made if s.kind == "select"]
     smoothers = [s for s in made if s.kind == "smooth"]
@@ -83,9 +83,11 @@ class Recipe:
     return " + ".join(n for n, _ in self.steps)
 
   def to_yaml(self) -> str:
-    body = {"description": self.description,
-            "steps": [{n: dict(o)} for n, o in self.steps],
-            "rules": [r.to_dict() for r in self.rules]}  # fmt: skip
+    body = {
+      "description": self.description,
+      "steps": [{n: dict(o)} for n, o in self.steps],
+      "rules": [r.to_dict() for r in self.rules],
+    }
     return yaml.safe_dump(body, sort_keys=False, allow_unicode=True)
 
 
@@ -106,8 +108,9 @@ def steps_for_method(method: str, options: Mapping[str, Any]) -> tuple[StepEntry
   if method == "smoothquant":
     return (("smoothquant", options), ("rtn", {}))
   if method == "mixed":
-    chosen = {k: options.pop(k) for k in ("avg_bits", "sensitivity", "sensitivity_batches")
-              if k in options}  # fmt: skip
+    chosen = {
+      k: options.pop(k) for k in ("avg_bits", "sensitivity", "sensitivity_batches") if k in options
+    }
     return (("mixed", chosen), ("gptq", options))
   return ((method, options),)
 
@@ -123,9 +126,12 @@ def load_recipe(name_or_path: str) -> Recipe:
   m = re.fullmatch(r"mixed:avg_bits=(\d+(?:\.\d+)?)", name_or_path)
   if m:
     bits = float(m.group(1))
-    return Recipe(name_or_path, tuple(mixed.base_rules()),
-                  f"per-layer widths from {{4, 8, 16}} bits averaging {m.group(1)}",
-                  (("mixed", {"avg_bits": bits}), ("gptq", {})))  # fmt: skip
+    return Recipe(
+      name_or_path,
+      tuple(mixed.base_rules()),
+      f"per-layer widths from {{4, 8, 16}} bits averaging {m.group(1)}",
+      (("mixed", {"avg_bits": bits}), ("gptq", {})),
+    )
   shipped = importlib.resources.files(__name__) / f"{name_or_path}.yaml"
   if shipped.is_file():
     return parse_recipe(name_or_path, shipped.read_text(), f"recipe {name_or_path}.yaml")
@@ -133,9 +139,9 @@ def load_recipe(name_or_path: str) -> Recipe:
     spec = QuantSpec.parse(name_or_path)
   except ValueError:
     raise ValueError(
-        f"Unknown recipe {name_or_path!r}: not a shipped recipe ({', '.join(recipe_names())}), "
-        "not a .yaml file, not 'mixed:avg_bits=N', and not a spec string such as 'int8' or "
-        "'int4:g128'."
+      f"Unknown recipe {name_or_path!r}: not a shipped recipe ({', '.join(recipe_names())}), "
+      "not a .yaml file, not 'mixed:avg_bits=N', and not a spec string such as 'int8' or "
+      "'int4:g128'."
     ) from None
   return Recipe(name_or_path, tuple(default_rules(spec)), f"default rules with weights {spec}")
 
@@ -147,22 +153,32 @@ def parse_recipe(name: str, text: str, where: str) -> Recipe:
   """A recipe from its YAML text; errors name `where` and the entry at fault."""
   data = yaml.safe_load(text)
   if not isinstance(data, dict) or not isinstance(data.get("rules"), list):
-    raise ValueError(f"{where}: a recipe is a mapping with a 'rules' list.")  # noqa: TRY004
+    raise ValueError(f"{where}: a recipe is a mapping with a 'rules' list.")
   unknown = set(data) - {"description", "rules", "method", "options", "steps"}
   if unknown:
-    raise ValueError(f"{where}: unknown keys {sorted(unknown)}; use 'description', 'steps' "
-                     "(or 'method' and 'options') and 'rules'.")  # fmt: skip
+    raise ValueError(
+      f"{where}: unknown keys {sorted(unknown)}; use 'description', 'steps' "
+      "(or 'method' and 'options') and 'rules'."
+    )
   rules = []
   for i, entry in enumerate(data["rules"]):
     if not isinstance(entry, dict) or "pattern" not in entry:
       raise ValueError(f"{where}: rules[{i}] needs a 'pattern' (and 'weight', 'act').")
     extra = set(entry) - _RULE_KEYS
     if extra:
-      raise ValueError(f"{where}: rules[{i}] has unknown keys {sorted(extra)}; use "
-                       f"{sorted(_RULE_KEYS)}.")  # fmt: skip
+      raise ValueError(
+        f"{where}: rules[{i}] has unknown keys {sorted(extra)}; use {sorted(_RULE_KEYS)}."
+      )
     try:
-      rules.append(Rule(str(entry["pattern"]), entry.get("weight"), entry.get("act"),
-                        bool(entry.get("expect_match", True)), entry.get("batch_dims", 0)))  # fmt: skip
+      rules.append(
+        Rule(
+          str(entry["pattern"]),
+          entry.get("weight"),
+          entry.get("act"),
+          bool(entry.get("expect_match", True)),
+          entry.get("batch_dims", 0),
+        )
+      )
     except (ValueError, TypeError) as e:
       raise ValueError(f"{where}: rules[{i}]: {e}") from None
   steps = _parse_steps(data, where)
@@ -177,22 +193,23 @@ def _parse_steps(data: dict, where: str) -> tuple[StepEntry, ...]:
     if "method" in data or "options" in data:
       raise ValueError(f"{where}: give either 'steps' or 'method'/'options', not both.")
     if not isinstance(data["steps"], list) or not data["steps"]:
-      raise ValueError(f"{where}: 'steps' is a non-empty list such as [{{awq: {{}}}}, "
-                       "{gptq: {damp: 0.01}}].")  # fmt: skip
+      raise ValueError(
+        f"{where}: 'steps' is a non-empty list such as [{{awq: {{}}}}, {{gptq: {{damp: 0.01}}}}]."
+      )
     steps = []
     for i, entry in enumerate(data["steps"]):
       if isinstance(entry, str):
         entry = {entry: {}}
       if not isinstance(entry, dict) or len(entry) != 1:
         raise ValueError(f"{where}: steps[{i}] is one 'name: {{options}}' mapping.")
-      (step_name, options), = entry.items()
+      ((step_name, options),) = entry.items()
       if not isinstance(options, dict | type(None)):
         raise ValueError(f"{where}: steps[{i}] ({step_name}): options must be a mapping.")
       steps.append((str(step_name), options or {}))
     return tuple(steps)
   options = data.get("options") or {}
   if not isinstance(options, dict):
-    raise ValueError(f"{where}: 'options' must be a mapping.")  # noqa: TRY004
+    raise ValueError(f"{where}: 'options' must be a mapping.")
   return steps_for_method(str(data.get("method", "rtn")), options)
 
 
@@ -209,16 +226,18 @@ class Quantized:
   info: dict
 
 
-def apply_recipe(recipe: Recipe, params, data: CalibrationSet | None = None, *,
-                 progress: bool | Callable = False) -> Quantized:  # fmt: skip
+def apply_recipe(
+  recipe: Recipe, params, data: CalibrationSet | None = None, *, progress: bool | Callable = False
+) -> Quantized:
   """Quantizes `params` by `recipe`: its selectors choose the rules (mixed precision), then
   one layer-sequential pass of its smoothers and quantizer (`jaxquant.ptq.driver.run`). The
-  plan is made once per rule list and passed down (`Quantized.plan`). Data-driven steps need `data`: the Linen model and calibration batches."""
+  plan is made once per rule list and passed down (`Quantized.plan`). Data-driven steps need
+  `data`: the Linen model and calibration batches."""
   selectors, smoothers, quantizer = recipe.build()
   if recipe.needs_data and (data is None or not data.batches):
     raise ValueError(
-        f"Recipe {recipe.name!r} runs {recipe.step_names}, which need a runnable model and "
-        "calibration batches (a jaxquant.ptq.CalibrationSet); or use an rtn/hqq recipe."
+      f"Recipe {recipe.name!r} runs {recipe.step_names}, which need a runnable model and "
+      "calibration batches (a jaxquant.ptq.CalibrationSet); or use an rtn/hqq recipe."
     )
   p = plan(params, recipe.rules)
   p.check()

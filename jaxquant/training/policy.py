@@ -22,10 +22,16 @@ import numpy as np
 PyTree = Any
 
 _DTYPES = {
-    "float32": jnp.float32, "f32": jnp.float32, "fp32": jnp.float32,
-    "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16,
-    "float16": jnp.float16, "f16": jnp.float16, "fp16": jnp.float16, "half": jnp.float16,
-}  # fmt: skip
+  "float32": jnp.float32,
+  "f32": jnp.float32,
+  "fp32": jnp.float32,
+  "bfloat16": jnp.bfloat16,
+  "bf16": jnp.bfloat16,
+  "float16": jnp.float16,
+  "f16": jnp.float16,
+  "fp16": jnp.float16,
+  "half": jnp.float16,
+}
 
 
 def _dtype(name: str):
@@ -57,11 +63,15 @@ class Policy:
     kw = {}
     for part in filter(None, (p.strip() for p in text.split(","))):
       key, _, value = part.partition("=")
-      field = {"params": "param_dtype", "param": "param_dtype", "compute": "compute_dtype",
-               "output": "output_dtype"}.get(key.strip())  # fmt: skip
+      field = {
+        "params": "param_dtype",
+        "param": "param_dtype",
+        "compute": "compute_dtype",
+        "output": "output_dtype",
+      }.get(key.strip())
       if field is None or not value:
         raise ValueError(
-            f"Bad policy part {part!r}; write e.g. 'params=float32,compute=bfloat16,output=float32'."
+          f"Bad policy part {part!r}; write e.g. 'params=float32,compute=bfloat16,output=float32'."
         )
       kw[field] = _dtype(value.strip())
     return cls(**kw)
@@ -77,14 +87,19 @@ class Policy:
 
   def __str__(self) -> str:
     name = lambda d: jnp.dtype(d).name
-    return (f"params={name(self.param_dtype)},compute={name(self.compute_dtype)},"
-            f"output={name(self.output_dtype)}")  # fmt: skip
+    return (
+      f"params={name(self.param_dtype)},compute={name(self.compute_dtype)},"
+      f"output={name(self.output_dtype)}"
+    )
 
 
 def all_finite(tree: PyTree) -> jax.Array:
   """True iff every floating leaf of `tree` is finite (a scalar bool array)."""
-  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
-            if jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating)]  # fmt: skip
+  leaves = [
+    jnp.all(jnp.isfinite(x))
+    for x in jax.tree.leaves(tree)
+    if jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating)
+  ]
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
@@ -107,8 +122,9 @@ class DynamicLossScale:
 
   def adjust(self, finite: jax.Array) -> DynamicLossScale:
     grow = finite & (self.counter + 1 >= self.period)
-    scale = jnp.where(finite, jnp.where(grow, self.scale * 2, self.scale),
-                      jnp.maximum(self.scale / 2, self.minimum))  # fmt: skip
+    scale = jnp.where(
+      finite, jnp.where(grow, self.scale * 2, self.scale), jnp.maximum(self.scale / 2, self.minimum)
+    )
     counter = jnp.where(finite & ~grow, self.counter + 1, 0)
     return dataclasses.replace(self, scale=scale, counter=counter)
 

@@ -22,10 +22,10 @@ import jax.numpy as jnp
 import optax
 
 from jaxquant.flax import quantize_model
+from jaxquant.learned import LSQ, PACT, lsq_init_scale
 from jaxquant.numerics import quantize
 from jaxquant.rules import Rule
 from jaxquant.training.policy import DynamicLossScale, NoLossScale, Policy, select_tree
-from jaxquant.learned import LSQ, PACT, lsq_init_scale
 from jaxquant.transforms import map_leaves, named_leaves, quantize_params, selection
 
 PyTree = Any
@@ -44,18 +44,19 @@ class TrainState:
 
   @classmethod
   def create(cls, params, optimizer: optax.GradientTransformation, loss_scale=None):
-    return cls(params, optimizer.init(params), loss_scale or NoLossScale(),
-               jnp.zeros((), jnp.int32))  # fmt: skip
+    return cls(
+      params, optimizer.init(params), loss_scale or NoLossScale(), jnp.zeros((), jnp.int32)
+    )
 
 
 def make_train_step(
-    model,
-    rules: Sequence[Rule],
-    optimizer: optax.GradientTransformation,
-    loss_fn: LossFn,
-    policy: Policy | None = None,
-    *,
-    track_grad_norm: bool = False,
+  model,
+  rules: Sequence[Rule],
+  optimizer: optax.GradientTransformation,
+  loss_fn: LossFn,
+  policy: Policy | None = None,
+  *,
+  track_grad_norm: bool = False,
 ) -> Callable[[TrainState, Any], tuple[TrainState, dict]]:
   """A jitted ``step(state, batch) -> (state, metrics)``.
 
@@ -87,9 +88,12 @@ def make_train_step(
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     # the selects fuse into the update: skipping costs nothing on the normal path
-    new = TrainState(select_tree(finite, params, state.params),
-                     select_tree(finite, opt_state, state.opt_state),
-                     state.loss_scale.adjust(finite), state.step + finite.astype(jnp.int32))
+    new = TrainState(
+      select_tree(finite, params, state.params),
+      select_tree(finite, opt_state, state.opt_state),
+      state.loss_scale.adjust(finite),
+      state.step + finite.astype(jnp.int32),
+    )
     scale = getattr(new.loss_scale, "scale", jnp.ones(()))
     return new, {**metrics, "finite": finite, "loss_scale": scale}
 
@@ -102,12 +106,12 @@ def _global_norm(tree: PyTree) -> jax.Array:
 
 # --------------------------------------------------------------------------- learned params
 def add_learned_quantizers(
-    params: PyTree,
-    rules: Sequence[Rule],
-    *,
-    weights: bool = True,
-    activations: bool = False,
-    pact_init: float = 6.0,
+  params: PyTree,
+  rules: Sequence[Rule],
+  *,
+  weights: bool = True,
+  activations: bool = False,
+  pact_init: float = 6.0,
 ) -> PyTree:
   """Adds ``lsq_scale`` (init: the RTN scale) beside every quantized kernel and, for layers
   with an activation spec, ``pact_alpha`` (init `pact_init`): trainable like any parameter."""
@@ -156,8 +160,13 @@ def convert(qat_params: PyTree, rules: Sequence[Rule]) -> tuple[PyTree, dict[str
       done[kernel_path] = quantize(leaves[kernel_path], spec, scale=value, path=kernel_path)
     else:
       alpha = jnp.abs(value).astype(jnp.float32)
-      stats[kernel_path] = {"absmax": alpha, "min": -alpha, "max": alpha,
-                            "count": jnp.ones(()), "sample": jnp.zeros((1,))}  # fmt: skip
+      stats[kernel_path] = {
+        "absmax": alpha,
+        "min": -alpha,
+        "max": alpha,
+        "count": jnp.ones(()),
+        "sample": jnp.zeros((1,)),
+      }
   kept = _without(qat_params, drop)
   return quantize_params(map_leaves(lambda p, v: done.get(p, v), kept), rules), stats
 
@@ -165,8 +174,9 @@ def convert(qat_params: PyTree, rules: Sequence[Rule]) -> tuple[PyTree, dict[str
 def _without(tree: PyTree, paths: set[str], prefix: str = "") -> PyTree:
   if not isinstance(tree, dict):
     return tree
-  return {k: _without(v, paths, f"{prefix}{k}/") for k, v in tree.items()
-          if f"{prefix}{k}" not in paths}  # fmt: skip
+  return {
+    k: _without(v, paths, f"{prefix}{k}/") for k, v in tree.items() if f"{prefix}{k}" not in paths
+  }
 
 
 def default_loss_scale(policy: Policy):

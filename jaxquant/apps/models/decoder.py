@@ -91,8 +91,9 @@ CACHE_KINDS = ("float32", "bfloat16", "int8")
 KV_SPEC = "int8:token"  # symmetric absmax, narrow grid ±127; scale groups given explicitly
 
 
-def init_cache(cfg: DecoderConfig, batch: int, length: int,
-               kind: CacheKind = "float32") -> tuple[KVCache, ...]:  # fmt: skip
+def init_cache(
+  cfg: DecoderConfig, batch: int, length: int, kind: CacheKind = "float32"
+) -> tuple[KVCache, ...]:
   """An empty cache for ``cfg.layers`` layers, `batch` rows and `length` positions."""
   if kind not in CACHE_KINDS:
     raise ValueError(f"cache kind must be one of {', '.join(CACHE_KINDS)}, got {kind!r}.")
@@ -115,7 +116,7 @@ def cache_write(cache: KVCache, k: jax.Array, v: jax.Array, pos) -> KVCache:
   """`cache` with ``k, v [B, T, H, D]`` written at positions ``[pos, pos + T)``; INT8 caches
   quantize on write (per batch row, position and head)."""
   k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # [B, H, T, D]
-  at = lambda buf, new: lax.dynamic_update_slice_in_dim(buf, new, pos, axis=2)  # noqa: E731
+  at = lambda buf, new: lax.dynamic_update_slice_in_dim(buf, new, pos, axis=2)
   if not cache.quantized:
     return KVCache(at(cache.k, k.astype(cache.k.dtype)), at(cache.v, v.astype(cache.v.dtype)))
   kq, ks, _ = quantize_along(k, KV_SPEC, (3,))
@@ -160,7 +161,7 @@ class Attention(nn.Module):
     ``[pos, pos + T)`` (the cache holds every earlier position)."""
     c = self.cfg
     b, t, _ = x.shape
-    split = lambda y: y.reshape(b, t, c.heads, c.head_dim)  # noqa: E731
+    split = lambda y: y.reshape(b, t, c.heads, c.head_dim)
     q = split(nn.Dense(c.dim, use_bias=False, name="query")(x))
     k = split(nn.Dense(c.dim, use_bias=False, name="key")(x))
     v = split(nn.Dense(c.dim, use_bias=False, name="value")(x))
@@ -239,8 +240,9 @@ def model_config(model) -> DecoderConfig:
   return inner.cfg
 
 
-def make_generate(model, steps: int, *, cache: CacheKind = "float32",
-                  temperature: float = 0.0) -> Callable:  # fmt: skip
+def make_generate(
+  model, steps: int, *, cache: CacheKind = "float32", temperature: float = 0.0
+) -> Callable:
   """A jitted ``fn(variables, prompt [B, P], key=None) -> tokens [B, steps]`` int32.
 
   Prefills the prompt in one call, then decodes one token at a time in a `lax.scan`, with a

