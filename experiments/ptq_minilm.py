@@ -20,7 +20,8 @@ from jaxquant.apps import cli
 
 RESULTS = Path(__file__).parent / "results"
 RECIPES = (
-  "fp32,w8,w8a8,w8a8-smooth,w4g128-asym,w4g64-hqq,w4g128-awq,w4g128-gptq,mixed:avg_bits=5,nf4"
+  "fp32,w8,w8a8,w8a8-smooth,w4g128-asym,w4g64-hqq,w4g128-awq,w4g128-gptq,w4g128-awq-gptq,"
+  "mixed:avg_bits=5,nf4"
 )
 
 

@@ -28,7 +28,7 @@ import shutil
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import jax
 import numpy as np
@@ -67,12 +67,13 @@ def lower(
   `inputs` are arrays or `jax.ShapeDtypeStruct`s (symbolic dims allowed); `fn` may already be
   jitted. Runs on any machine: lowering for CUDA or TPU needs no such device.
   """
-  jitted = fn if hasattr(fn, "lower") else jax.jit(fn)
+  # `fn` with a `lower` method is already jitted (a `jax.stages.Wrapped`)
+  jitted = cast(jax.stages.Wrapped, fn) if hasattr(fn, "lower") else jax.jit(fn)
   shapes = [x if isinstance(x, jax.ShapeDtypeStruct) else _abstract(x) for x in inputs]
   return jax_export.export(jitted, platforms=tuple(platforms))(_abstract(variables), *shapes)
 
 
-def _describe(x: jax.ShapeDtypeStruct) -> dict:
+def _describe(x: jax.core.ShapedArray) -> dict:
   return {
     "shape": [d if isinstance(d, int) else str(d) for d in x.shape],
     "dtype": np.dtype(x.dtype).name,
@@ -159,7 +160,9 @@ def load_exported(path: str | os.PathLike) -> Served:
   manifest = json.loads((path / MANIFEST).read_text())
   exported = jax_export.deserialize(bytearray((path / PROGRAM).read_bytes()))
   variables = io.load(path / PARAMS)
-  if jax.tree.structure(variables) != exported.in_tree.children()[0].children()[0]:
+  # in_tree is ((variables, *inputs), kwargs). jaxlib ships no type stubs for PyTreeDef.
+  params_tree = exported.in_tree.children()[0].children()[0]  # type: ignore[attr-defined]
+  if jax.tree.structure(variables) != params_tree:
     raise ValueError(
       f"{path}: {PARAMS} does not match the parameter tree the exported program expects; "
       "re-export the model."

@@ -97,11 +97,12 @@ def save(path: str | os.PathLike, tree) -> Path:
   """
   target = _resolve(path)
   arrays: dict[str, np.ndarray] = {}
-  entries: list[dict] = []
+  entries: list[dict[str, Any]] = []
   for keys, leaf in _flat_leaves(tree):
     name = "/".join(str(k[1]) for k in keys)
     if name in arrays or any(name == e["name"] for e in entries):
       raise ValueError(f"{name}: two leaves share this path; rename one before saving.")
+    entry: dict[str, Any]
     if isinstance(leaf, QArray):
       entry = {
         "name": name,
@@ -223,6 +224,7 @@ def load(path: str | os.PathLike):
   leaves = []
   for entry in header["leaves"]:
     name = entry["name"]
+    leaf: jax.Array | QArray
     try:
       if entry["kind"] == "array":
         leaf = jnp.asarray(tensors[name])
@@ -237,7 +239,7 @@ def load(path: str | os.PathLike):
   return _unflatten(leaves)
 
 
-def _qarray_from_entry(entry: dict, children: dict, path: Path) -> QArray:
+def _qarray_from_entry(entry: dict, children: dict[str, jax.Array], path: Path) -> QArray:
   """The QArray a header entry describes, checked against the shape it records."""
   shape, perm = tuple(entry["shape"]), tuple(entry["perm"]) if entry.get("perm") else None
   packed = bool(entry["packed"])
@@ -247,9 +249,14 @@ def _qarray_from_entry(entry: dict, children: dict, path: Path) -> QArray:
     else shape[: len(shape) - len(perm)] + tuple(shape[len(shape) - len(perm) + a] for a in perm)
   )
   pad = stored[-1] % 2 if packed and stored else 0
+  values = children.get("values")
+  if values is None:
+    raise ValueError(
+      f"{path}: {entry['name']}: the header lists no stored codes (values); the file is corrupt."
+    )
   try:
     q = QArray(
-      children.get("values"),
+      values,
       children.get("scale"),
       children.get("zero_point"),
       QuantSpec.parse(entry["spec"]),

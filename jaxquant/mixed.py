@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import jax
@@ -108,6 +108,10 @@ def allocate(
       new, pick = np.where(better, cand, new), np.where(better, i, pick)
     best = new
     picks.append((choices, pick, [int(np.ceil(costs[p][c] / unit - 1e-9)) for c in choices]))
+  if not np.isfinite(best).any():
+    # Rounding costs up to the grid left no pick inside it, although the cheapest pick fits
+    # (checked above): the budget sits at the cheapest average, so the cheapest pick it is.
+    return {p: min(errors[p], key=lambda c, p=p: (costs[p][c], errors[p][c])) for p in paths}
   b = int(np.argmin(best))
   out = {}
   for p, (choices, pick, units) in zip(reversed(paths), reversed(picks)):
@@ -166,9 +170,9 @@ def output_errors(model, params, trials, batches, output_fn=None) -> dict:
   the layer at `path` alone replaced by `weights` — sensitivity measured where it matters,
   downstream amplification included. ``output_fn(outputs, batch)`` picks what to compare
   (default: the outputs)."""
-  output_fn = output_fn or (lambda out, batch: out)
+  compare: Callable[[Any, tuple], Any] = output_fn or (lambda out, batch: out)
   params = jax.device_put(params)  # once, not on every call
-  apply = jax.jit(lambda p, *batch: output_fn(model.apply({"params": p}, *batch), batch))
+  apply = jax.jit(lambda p, *batch: compare(model.apply({"params": p}, *batch), batch))
   references = [apply(params, *b) for b in batches]
   out = {}
   for key, (path, w) in trials.items():

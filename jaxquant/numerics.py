@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from typing import cast
 
 import jax
 import jax.numpy as jnp
@@ -92,14 +93,18 @@ def grouped_view(x: jax.Array, spec: QuantSpec) -> tuple[jax.Array, tuple[int, .
     return x, (axis,)
   check_group_size(spec, x.shape)
   n = x.shape[axis]
-  view = x.reshape(x.shape[:axis] + (n // spec.group_size, spec.group_size) + x.shape[axis + 1 :])
+  group = cast(int, spec.group_size)  # QuantSpec.__post_init__: a positive int for "group"
+  view = x.reshape(x.shape[:axis] + (n // group, group) + x.shape[axis + 1 :])
   return view, (axis + 1,)
 
 
-def find_range(xv: jax.Array, axes: tuple[int, ...], spec: QuantSpec):
+def find_range(xv: jax.Array, axes: tuple[int, ...], spec: QuantSpec) -> calibration.Range:
   """``(lo, hi)`` over `axes` by the spec's calibration method."""
   if spec.calibration == "percentile":
-    return calibration.percentile_range(xv, axes, spec.percentile, spec.symmetric)
+    # QuantSpec.__post_init__ sets a float percentile for this calibration, and always a bool
+    # `symmetric`.
+    percentile = cast(float, spec.percentile)
+    return calibration.percentile_range(xv, axes, percentile, cast(bool, spec.symmetric))
   full = (
     calibration.minmax_range(xv, axes) if not spec.symmetric else calibration.absmax_range(xv, axes)
   )
@@ -123,7 +128,9 @@ def stored_scale(scale: jax.Array, spec: QuantSpec) -> jax.Array:
   return jnp.where(nearest.astype(jnp.float32) < scale, up, nearest)
 
 
-def scale_from_range(lo: jax.Array, hi: jax.Array, spec: QuantSpec):
+def scale_from_range(
+  lo: jax.Array, hi: jax.Array, spec: QuantSpec
+) -> tuple[jax.Array, jax.Array | None]:
   """``(scale, zero_point)`` for the range, the scale as stored (`stored_scale`) and the zero
   point from it; zero_point is None when symmetric."""
   info = spec.info
@@ -141,7 +148,7 @@ def scale_from_range(lo: jax.Array, hi: jax.Array, spec: QuantSpec):
   return scale, zero_point.astype(info.storage)
 
 
-def compute_scale(x: jax.Array, spec: SpecLike):
+def compute_scale(x: jax.Array, spec: SpecLike) -> tuple[jax.Array, jax.Array | None]:
   """``(scale, zero_point)`` of `x` under `spec`, shaped like ``spec.scale_shape(x.shape)``."""
   spec = as_spec(spec)
   xv, axes = grouped_view(jnp.asarray(x, jnp.float32), spec)
@@ -205,7 +212,7 @@ def _given_or_computed(xv, axes, spec, scale, zero_point):
 
 
 def quantize(
-  x: jax.Array,
+  x: jax.typing.ArrayLike,
   spec: SpecLike,
   *,
   key: jax.Array | None = None,
@@ -324,9 +331,9 @@ def fake_quant(
 
 def quantization_error(x: jax.Array, q: QArray) -> dict[str, float]:
   """Relative error ``||x - x̂|| / ||x||`` and SNR ``10 log10(||x||² / ||x - x̂||²)`` in dB."""
-  x = np.asarray(jax.device_get(x), np.float64)
-  err = x - np.asarray(jax.device_get(dequantize(q, jnp.float32)), np.float64)
-  signal, noise = float(np.sum(x * x)), float(np.sum(err * err))
+  ref = np.asarray(jax.device_get(x), np.float64)
+  err = ref - np.asarray(jax.device_get(dequantize(q, jnp.float32)), np.float64)
+  signal, noise = float(np.sum(ref * ref)), float(np.sum(err * err))
   rel = math.sqrt(noise / signal) if signal > 0 else 0.0
   snr = 10 * math.log10(signal / noise) if noise > 0 else math.inf
   return {"rel_error": rel, "snr_db": snr}

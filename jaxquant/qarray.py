@@ -125,7 +125,7 @@ class QArray:
 
   def __repr__(self) -> str:
     try:
-      shape = self.shape
+      shape: object = self.shape
     except (AttributeError, TypeError):
       shape = "?"
     return (
@@ -160,8 +160,8 @@ def grouped_shape(shape: tuple[int, ...], spec: QuantSpec) -> tuple[int, ...]:
   granularity along axis ``a`` of size n, ``shape[:a] + (n // G, G) + shape[a+1:]``."""
   if spec.granularity != "group" or not shape:
     return tuple(shape)
-  a = spec.resolved_axis(len(shape))
-  return shape[:a] + (shape[a] // spec.group_size, spec.group_size) + shape[a + 1 :]
+  a, g = spec.resolved_axis(len(shape)), int(spec.group_size or 1)
+  return shape[:a] + (shape[a] // g, g) + shape[a + 1 :]
 
 
 def validate(q: QArray) -> None:

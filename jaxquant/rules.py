@@ -16,11 +16,12 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Sequence
+from typing import Any
 
 from jaxquant.spec import QuantSpec, SpecLike, as_spec
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, init=False)
 class Rule:
   """``(pattern → weight spec, activation spec)``; a None spec leaves that tensor in float.
 
@@ -35,7 +36,19 @@ class Rule:
   expect_match: bool = True
   batch_dims: int = 0
 
-  def __post_init__(self):
+  # Written out (not generated) because the specs may be given as strings: the fields always
+  # hold parsed `QuantSpec`s (or None).
+  def __init__(
+    self,
+    pattern: str,
+    weight: SpecLike | None = None,
+    act: SpecLike | None = None,
+    expect_match: bool = True,
+    batch_dims: int = 0,
+  ) -> None:
+    object.__setattr__(self, "pattern", pattern)
+    object.__setattr__(self, "expect_match", expect_match)
+    object.__setattr__(self, "batch_dims", batch_dims)
     try:
       re.compile(self.pattern)
     except re.error as e:
@@ -43,19 +56,19 @@ class Rule:
         f"Rule pattern {self.pattern!r} is not a valid regular expression ({e}); "
         "escape literal characters with re.escape."
       ) from None
-    if not isinstance(self.batch_dims, int) or self.batch_dims < 0:
+    if isinstance(self.batch_dims, bool) or not isinstance(self.batch_dims, int) or self.batch_dims < 0:
       raise ValueError(
         f"Rule {self.pattern!r}: batch_dims must be a non-negative int (the leading axes "
         f"that index stacked layers), got {self.batch_dims!r}."
       )
-    object.__setattr__(self, "weight", _spec_for(self.weight, self.pattern, "weight"))
-    object.__setattr__(self, "act", _spec_for(self.act, self.pattern, "act"))
+    object.__setattr__(self, "weight", _spec_for(weight, self.pattern, "weight"))
+    object.__setattr__(self, "act", _spec_for(act, self.pattern, "act"))
 
   def matches(self, path: str) -> bool:
     return re.search(self.pattern, path) is not None
 
-  def to_dict(self) -> dict:
-    out = {
+  def to_dict(self) -> dict[str, Any]:
+    out: dict[str, Any] = {
       "pattern": self.pattern,
       "weight": None if self.weight is None else str(self.weight),
       "act": None if self.act is None else str(self.act),

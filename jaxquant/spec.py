@@ -24,7 +24,7 @@ import dataclasses
 import math
 import re
 import statistics
-from typing import Literal
+from typing import Literal, cast, overload
 
 import ml_dtypes
 import numpy as np
@@ -328,7 +328,8 @@ class QuantSpec:
     if self.granularity == "token":
       return tuple(1 if i == axis else d for i, d in enumerate(shape))
     check_group_size(self, shape)
-    return shape[:axis] + (shape[axis] // self.group_size, 1) + shape[axis + 1 :]
+    group = cast(int, self.group_size)  # __post_init__: a positive int for "group"
+    return shape[:axis] + (shape[axis] // group, 1) + shape[axis + 1 :]
 
   def nbytes(self, shape: tuple[int, ...]) -> int:
     """Bytes that a tensor of `shape` takes quantized: values + scales + zero points."""
@@ -357,8 +358,9 @@ def check_group_size(spec: QuantSpec, shape: tuple[int, ...], path: str = "") ->
     return
   axis = spec.resolved_axis(len(shape))
   n = shape[axis]
-  if n % spec.group_size:
-    divisors = [d for d in range(min(n, spec.group_size), 0, -1) if n % d == 0][:3]
+  group = cast(int, spec.group_size)  # __post_init__: a positive int for "group"
+  if n % group:
+    divisors = [d for d in range(min(n, group), 0, -1) if n % d == 0][:3]
     where = f"{path}: " if path else ""
     raise ValueError(
       f"{where}group size {spec.group_size} does not divide axis {axis} of size {n} "
@@ -370,6 +372,12 @@ def check_group_size(spec: QuantSpec, shape: tuple[int, ...], path: str = "") ->
 SpecLike = QuantSpec | str
 
 
+@overload
+def as_spec(spec: SpecLike) -> QuantSpec: ...
+@overload
+def as_spec(spec: None) -> None: ...
+@overload
+def as_spec(spec: SpecLike | None) -> QuantSpec | None: ...
 def as_spec(spec: SpecLike | None) -> QuantSpec | None:
   """Accepts a `QuantSpec`, its string form, or None."""
   if spec is None or isinstance(spec, QuantSpec):

@@ -90,7 +90,7 @@ def selection(path: str, value, rules: Sequence[Rule]) -> tuple[int | None, Quan
   spec = None if idx is None else rules[idx].weight
   if isinstance(value, QArray):
     return idx, None, "already quantized"
-  if spec is None:
+  if idx is None or spec is None:
     return idx, None, "no rule" if idx is None else "kept by rule"
   dtype = np.dtype(value.dtype)
   if not jnp.issubdtype(dtype, jnp.floating):

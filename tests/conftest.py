@@ -8,7 +8,12 @@ os.environ["XLA_FLAGS"] = (
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import jax
 from hypothesis import HealthCheck, settings
+
+# Every implicit promotion is an error in the tests (float32 with float16 scales, int8 codes
+# with float32...): the library casts explicitly, so results do not depend on the user's mode.
+jax.config.update("jax_numpy_dtype_promotion", "strict")
 
 settings.register_profile(
   "default",

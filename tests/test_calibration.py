@@ -114,7 +114,7 @@ def test_mse_range_clips_gaussian_tails_under_coarse_rounding():
     scale = jnp.maximum(jnp.abs(lo), jnp.abs(hi))
     return jnp.clip(jnp.round(x / scale), -1, 1) * scale
 
-  x = np.random.default_rng(0).normal(size=(2, 4096)).astype(np.float32)
+  x = np.random.default_rng(0).normal(size=(2, 1024)).astype(np.float32)
   full = absmax_range(jnp.asarray(x), (1,))
   lo, hi = mse_range(jnp.asarray(x), (1,), full, ternary_qdq)
   assert lo.shape == hi.shape == (2, 1)
@@ -160,19 +160,6 @@ class RangesUnderJitTest(chex.TestCase):
       np.testing.assert_allclose(
         np.asarray(hi), np.quantile(x, 0.9, axis=1, keepdims=True), rtol=1e-5
       )
-
-  @chex.variants(with_jit=True, without_jit=True)
-  def test_act_stats_update(self):
-    update = self.variant(update_act_stats)
-    rng = np.random.default_rng(1)
-    xs = [rng.normal(size=(2, 3)).astype(np.float32) for _ in range(3)]
-    stats = init_act_stats(8)
-    for i, x in enumerate(xs):
-      stats = update(stats, jnp.asarray(x), jax.random.key(i))
-    flat = np.concatenate([x.ravel() for x in xs])
-    assert float(stats["absmax"]) == np.max(np.abs(flat))
-    assert float(stats["min"]) == np.min(flat) and float(stats["max"]) == np.max(flat)
-    assert float(stats["count"]) == flat.size
 
 
 # --------------------------------------------------------------------------- activations

@@ -108,7 +108,7 @@ def knapsacks(draw, integer_costs=True):
   budget = draw(st.floats(cheapest, dearest + 1.0))
   avg_bits = budget / sum(sizes.values())
   while avg_bits * sum(sizes.values()) < cheapest:  # keep float rounding off the boundary
-    avg_bits = float(np.nextafter(avg_bits, np.inf))  # (see the xfail tests below)
+    avg_bits = float(np.nextafter(avg_bits, np.inf))  # (away from the boundary tested below)
   return sizes, errors, costs, avg_bits
 
 
@@ -135,7 +135,7 @@ def test_allocate_is_the_brute_force_optimum_for_integer_costs(case):
 def test_allocate_keeps_the_budget_with_fractional_costs(case, resolution):
   sizes, errors, costs, avg_bits = case
   # costs are rounded up by at most one grid step (budget / resolution) per layer; leave the
-  # cheapest pick that much room (see the xfail test below for what happens without it)
+  # cheapest pick that much room (the boundary itself is tested below)
   cheapest = sum(min(cs.values()) for cs in costs.values())
   room = 1 - (len(sizes) + 1) / resolution
   avg_bits = max(avg_bits, cheapest / room / sum(sizes.values()))
@@ -147,12 +147,6 @@ def test_allocate_keeps_the_budget_with_fractional_costs(case, resolution):
   assert _total(got, errors) <= best + 1e-9 * (1 + abs(best))
 
 
-@pytest.mark.xfail(
-  strict=True,
-  reason="allocate does not check that the rounded grid kept a "
-  "feasible pick: it backtracks from an all-inf table and returns an over-budget "
-  "pick or raises IndexError",
-)
 @pytest.mark.parametrize("costs_b", [{"c0": 21.5, "c1": 21.0}, {"c0": 22.5, "c1": 21.0}])
 def test_allocate_at_exactly_the_cheapest_average_with_fractional_costs(costs_b):
   # the only feasible picks spend exactly the budget (22 bits); rounded up to the grid of
@@ -167,9 +161,6 @@ def test_allocate_at_exactly_the_cheapest_average_with_fractional_costs(costs_b)
   assert _spent(got, costs) <= 22.0
 
 
-@pytest.mark.xfail(strict=True, reason="allocate accepts a budget within 1e-9 of the cheapest "
-                   "pick, but its table floors the budget: 15/11 * 11 = 14.999999999999998 "
-                   "leaves no feasible cell and backtracking raises IndexError")  # fmt: skip
 def test_allocate_at_exactly_the_cheapest_average_with_integer_costs():
   sizes = {"a": 4, "b": 7}
   costs = {"a": {"fast": 20, "lean": 5}, "b": {"fast": 20, "lean": 10}}

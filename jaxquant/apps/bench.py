@@ -14,8 +14,9 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Mapping
 from pathlib import Path
+from typing import TypeVar
 
 import flax.linen as nn
 import jax
@@ -101,7 +102,12 @@ def _qwix(w: jax.Array, x: jax.Array) -> list[Variant]:
   return out
 
 
-def time_interleaved(calls: dict[str, Callable[[], object]], rounds: int, warmup: int = 1):
+K = TypeVar("K", bound=Hashable)
+
+
+def time_interleaved(
+  calls: Mapping[K, Callable[[], object]], rounds: int, warmup: int = 1
+) -> tuple[dict[K, float], dict[K, float]]:
   """Median wall and process-CPU seconds of each zero-argument call, ``(wall, cpu)`` dicts.
 
   Every round runs each call once, so load drifting on a shared machine hits all alike; CPU
@@ -111,8 +117,8 @@ def time_interleaved(calls: dict[str, Callable[[], object]], rounds: int, warmup
   for call in calls.values():
     for _ in range(warmup):
       jax.block_until_ready(call())
-  wall: dict[str, list[float]] = {name: [] for name in calls}
-  cpu: dict[str, list[float]] = {name: [] for name in calls}
+  wall: dict[K, list[float]] = {name: [] for name in calls}
+  cpu: dict[K, list[float]] = {name: [] for name in calls}
   for _ in range(rounds):
     for name, call in calls.items():
       start, start_cpu = time.perf_counter(), time.process_time()

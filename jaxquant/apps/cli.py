@@ -20,7 +20,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-from rich.console import Console
+from rich.console import Console, JustifyMethod
 from rich.table import Table
 
 from jaxquant import export, interop, io, transforms
@@ -40,8 +40,8 @@ def load_model_params(model: str, layout: str | None) -> tuple[dict, str]:
     return minilm.load_params(), f"all-MiniLM-L6-v2 ({minilm.checkpoint_path()})"
   path = Path(model)
   if not path.is_file():
-    raise SystemExit(
-      f"error: --model {model!r} is neither 'minilm' nor an existing .safetensors file."
+    raise FileNotFoundError(
+      f"--model {model!r} is neither 'minilm' nor an existing .safetensors file."
     )
   return interop.load_safetensors_params(path, layout or "flax"), str(path)
 
@@ -61,12 +61,13 @@ def plan_table(
   columns = list(dict.fromkeys(c for cols in extra.values() for c in cols))
   table = Table(title=title, show_lines=False)
   table.add_column("path", overflow="fold")
-  for name, justify in [
+  fixed_columns: list[tuple[str, JustifyMethod]] = [
     ("shape", "left"),
     ("spec", "left"),
     ("bytes", "right"),
     ("quantized", "right"),
-  ]:
+  ]
+  for name, justify in fixed_columns:
     table.add_column(name, justify=justify, no_wrap=True)
   for c in columns:
     table.add_column(c, justify="right")
@@ -111,6 +112,9 @@ def _apply(args, recipe: Recipe, params):
 
 
 def cmd_quantize(args) -> int:
+  out = Path(args.out)
+  if out.exists() and not out.is_dir():
+    raise ValueError(f"--out {out} is a file; give a folder (it will hold model.safetensors).")
   params, _, recipe = _plan_for(args)
   recipe_name = recipe.name
   start = time.perf_counter()
@@ -131,7 +135,6 @@ def cmd_quantize(args) -> int:
   console.print(
     plan_table(plan, extra, title=f"{recipe_name}: per-tensor error", only_quantized=not args.all)
   )
-  out = Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
   file = io.save(out / io.DEFAULT_FILENAME, qparams)
   file_bytes = file.stat().st_size
@@ -186,7 +189,7 @@ def _json_safe(x):
 def _read_lines(path: str) -> list[str]:
   if not Path(path).is_file():
     raise FileNotFoundError(f"--sentences {path}: no such file (one sentence per line).")
-  sentences = data.read_sentences(path)
+  sentences = [s for s in data.read_sentences(path) if s.strip()]
   if not sentences:
     raise ValueError(f"--sentences {path} has no non-empty lines.")
   return sentences
@@ -234,10 +237,10 @@ def cmd_embed(args) -> int:
 
 def cmd_eval(args) -> int:
   _require_minilm(args.model)
-  sentences = _read_lines(args.sentences) if args.sentences else data.evaluation_sentences(args.n)
   names = [r.strip() for r in args.recipes.split(",") if r.strip()]
   for name in names:  # fail on a bad name before any work
     load_recipe(name)
+  sentences = _read_lines(args.sentences) if args.sentences else data.evaluation_sentences(args.n)
   reference = evaluate.minilm_encoder("fp32")
   ref_emb, _ = evaluate.timed_encode(reference, sentences)
   rows = []

@@ -109,7 +109,7 @@ def _is_sentence(text: str) -> bool:
 
 def sentences_of(doc: str) -> list[str]:
   """The prose sentences of one (cleaned) docstring with ``MIN_WORDS..MAX_WORDS`` words."""
-  out = []
+  out: list[str] = []
   for paragraph in re.split(r"\n\s*\n", doc):
     lines = [line for line in paragraph.split("\n") if line.strip()]
     if not lines or not _is_prose(lines):

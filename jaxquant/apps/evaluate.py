@@ -47,7 +47,7 @@ def calibrate_minilm(
     return cal.apply(variables, ids, mask, types, stats=stats, key=key)[1]
 
   step = jax.jit(step)
-  stats = None
+  stats: dict[str, dict] | None = None
   key = jax.random.key(0)
   for i, start in enumerate(range(0, len(sentences), batch_size)):
     batch = minilm.tokenize(tokenizer, list(sentences[start : start + batch_size]))
@@ -59,6 +59,8 @@ def calibrate_minilm(
       batch["attention_mask"],
       batch["token_type_ids"],
     )
+  if stats is None:
+    raise ValueError("calibrate_minilm needs at least one calibration sentence.")
   return stats
 
 

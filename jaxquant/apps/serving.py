@@ -44,8 +44,12 @@ def minilm_serve(recipe: str) -> ServeFunction:
   example = tuple(
     np.asarray(batch[k], np.int32) for k in ("input_ids", "attention_mask", "token_type_ids")
   )
+  if encoder.apply_fn is None:  # the float model, as `minilm.encode` reads None
+    fn = minilm._float_embedding_fn()
+  else:
+    fn = minilm.sentence_embedding_fn(encoder.apply_fn)
   return ServeFunction(
-    minilm.sentence_embedding_fn(encoder.apply_fn),
+    fn,
     encoder.variables,
     symbolic_inputs("b, s", [np.int32] * 3, [f"s <= {minilm.MAX_SEQ_LENGTH}"]),
     example,

@@ -169,20 +169,25 @@ def static_scale(cfg: LayerConfig):
   state = _STATE.get()
   found = None if state is None else state.scales.get(cfg.path)
   if found is None:
-    raise ValueError(
-      f"{cfg.path}: activation spec {cfg.act} is per-tensor, i.e. static, but no calibration "
-      "statistics were given for this layer. Run the model in mode='calibrate' on sample "
-      "batches and pass the statistics (calibration=stats), or use a per-token spec "
-      "(e.g. 'int8:token') for dynamic scales."
-    )
+    raise missing_calibration(cfg)
   return found
+
+
+def missing_calibration(cfg: LayerConfig) -> ValueError:
+  """The error for a layer with a static activation spec but no calibration statistics."""
+  return ValueError(
+    f"{cfg.path}: activation spec {cfg.act} is per-tensor, i.e. static, but no calibration "
+    "statistics were given for this layer. Run the model in mode='calibrate' on sample "
+    "batches and pass the statistics (calibration=stats), or use a per-token spec "
+    "(e.g. 'int8:token') for dynamic scales."
+  )
 
 
 def scales_from_stats(stats: dict[str, dict], configs: dict[str, LayerConfig]) -> dict:
   """Static activation scales for every layer with a per-tensor activation spec."""
   out = {}
   for path, cfg in configs.items():
-    if cfg.static_act and path in stats:
+    if cfg.act is not None and cfg.static_act and path in stats:
       scale, zp = static_act_scale(stats[path], cfg.act)
       out[path] = (scale, zp)
   return out

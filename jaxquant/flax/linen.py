@@ -53,7 +53,7 @@ def _run_with_seams(module: nn.Module, seam_attr: str, cfg: common.LayerConfig, 
   args = _divide_by_input_scale(params, args)
   cfg, args = _learned_quantizers(cfg, params, args)
   seam = _SEAM_TYPES[seam_attr](cfg)
-  overrides = {seam_attr: seam, f"{seam_attr}_cls": None, "promote_dtype": _promote}
+  overrides: dict[str, Any] = {seam_attr: seam, f"{seam_attr}_cls": None, "promote_dtype": _promote}
   clone = module.clone(parent=None, **overrides)
   params["kernel"] = common.Operand(params["kernel"])
   variables["params"] = params
@@ -109,6 +109,11 @@ def _einsum(module: nn.Einsum, cfg: common.LayerConfig, args, kwargs):
   """`nn.Einsum.__call__` through `qeinsum` (Linen's Einsum has no contraction seam)."""
   inputs = args[0]
   equation = kwargs.get("einsum_str", args[1] if len(args) > 1 else None) or module.einsum_str
+  if equation is None:
+    raise ValueError(
+      f'{"/".join(module.path)}: parameter "einsum_str" must be passed to the constructor or '
+      "at call time."
+    )
   equation = equation.replace(" ", "")
   params = dict(module.variables["params"])
   (inputs,) = _divide_by_input_scale(params, (inputs,))
@@ -160,10 +165,10 @@ class QuantizedModel:
   mode: common.Mode = "serve"
   calibration: dict | None = None
 
-  def __post_init__(self):
+  def __post_init__(self) -> None:
     common.check_mode(self.mode)
     self.rules = tuple(self.rules)
-    self._configs: dict[str, common.LayerConfig] = {}
+    self._configs: dict[str, common.LayerConfig | None] = {}
     # computed once, eagerly: inside `apply` they are constants, not per-call work
     self._scales = self._static_scales() if self.mode != "calibrate" else {}
 
@@ -241,4 +246,4 @@ def quantize_model(
   model: nn.Module, rules: Sequence[Rule], mode: str = "serve", calibration: dict | None = None
 ) -> QuantizedModel:
   """Wraps an unchanged Linen `model` so its layers run quantized by `rules` (see module doc)."""
-  return QuantizedModel(model, rules, mode, calibration)
+  return QuantizedModel(model, rules, common.check_mode(mode), calibration)

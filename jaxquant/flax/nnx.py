@@ -15,7 +15,8 @@ mode as `calibration`. The layers' class becomes a subclass (``QuantizedLinear``
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import jax
 from flax import nnx
@@ -26,7 +27,7 @@ from jaxquant.flax import common
 from jaxquant.numerics import quantize
 from jaxquant.rules import Rule
 
-_SEAMS = {
+_SEAMS: dict[type, tuple[str, type[common._Seam]]] = {
   nnx.Linear: ("dot_general", common.DotSeam),
   nnx.LinearGeneral: ("dot_general", common.DotSeam),
   nnx.Einsum: ("einsum_op", common.EinsumSeam),
@@ -52,10 +53,12 @@ def _base(node) -> type | None:
   return next((c for c in type(node).__mro__ if c in _SEAMS), None)
 
 
-def _layers(model: nnx.Module):
+def _layers(model: nnx.Module) -> Iterator[tuple[str, Any, type]]:
+  """``(path, layer, its base class in _SEAMS)`` for every layer the adapter can quantize."""
   for path, node in nnx.iter_graph(model):
-    if _base(node) is not None:
-      yield "/".join(map(str, path)), node
+    base = _base(node)
+    if base is not None:
+      yield "/".join(map(str, path)), node, base
 
 
 _QUANTIZED_CLASSES: dict[type, type] = {}
@@ -103,11 +106,10 @@ def quantize_model(
   mode = common.check_mode(mode)
   rules = tuple(rules)
   qmodel = nnx.clone(model)
-  for prefix, layer in list(_layers(qmodel)):
+  for prefix, layer, base in list(_layers(qmodel)):
     cfg = common.layer_config(f"{prefix}/kernel", rules, mode)
     if cfg is None:
       continue
-    base = _base(layer)
     attr, seam = _SEAMS[base]
     layer.__class__ = _quantized_class(base)
     setattr(layer, attr, seam(cfg))
@@ -119,7 +121,7 @@ def quantize_model(
     elif cfg.static_act:
       stats = (calibration or {}).get(cfg.path)
       if stats is None:
-        common.static_scale(cfg)  # raises the explanatory error
+        raise common.missing_calibration(cfg)
       layer.jaxquant_act_scale = ActivationScale(
         common.scales_from_stats({cfg.path: stats}, {cfg.path: cfg})[cfg.path]
       )
@@ -130,6 +132,6 @@ def activation_stats(model: nnx.Module) -> dict[str, dict]:
   """``{kernel path: statistics}`` collected by a calibrate-mode model."""
   return {
     f"{prefix}/kernel": layer.jaxquant_act_stats.get_value()
-    for prefix, layer in _layers(model)
+    for prefix, layer, _ in _layers(model)
     if hasattr(layer, "jaxquant_act_stats")
   }

@@ -8,6 +8,8 @@ accumulator. Other combinations dequantize the kernel in the graph.
 
 from __future__ import annotations
 
+from typing import cast
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -30,6 +32,7 @@ def _conv_lowering(rhs, rhs_out_dim: int, lhs_spec: QuantSpec | None, mode: Mode
     spec.format == "int8"
     and spec.symmetric
     and spec.granularity in ("channel", "tensor")
+    and rhs.scale is not None
     and all(d == 1 for i, d in enumerate(rhs.scale.shape) if i != rhs_out_dim)
     and lhs_spec.format == "int8"
     and lhs_spec.symmetric
@@ -83,7 +86,8 @@ def qconv(
     **kw,
   )
   if lowering.name == "int8":
-    q_lhs, s_lhs, _ = quantize_along(lhs, lhs_spec, tuple(range(lhs.ndim)), scale=lhs_scale)
+    act = cast(QuantSpec, lhs_spec)  # `_conv_lowering` picks int8 only with an input spec
+    q_lhs, s_lhs, _ = quantize_along(lhs, act, tuple(range(lhs.ndim)), scale=lhs_scale)
     acc = conv(q_lhs, rhs.values, preferred_element_type=jnp.int32)
     s_rhs = rhs.scale.reshape(-1)
     shape = [1] * acc.ndim

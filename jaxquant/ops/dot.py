@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Literal
+from typing import Literal, cast
 
 import jax
 import jax.numpy as jnp
@@ -233,26 +233,30 @@ def qdot_general(
   (lc, _), _ = dims
   if mode == "serve" and rhs_spec is not None and not isinstance(rhs, QArray):
     rhs = quantize(rhs, rhs_spec)
-  lowering = choose_lowering(
+  chosen = choose_lowering(
     lhs.ndim, rhs, dims, lhs_spec, mode, rhs_spec, lhs_shape=tuple(lhs.shape), lowering=lowering
   )
-  log.debug("qdot_general %s x %s: %s", lhs.shape, getattr(rhs, "shape", None), lowering)
+  log.debug("qdot_general %s x %s: %s", lhs.shape, getattr(rhs, "shape", None), chosen)
 
-  if lowering.name == "int8-ste":
-    axes = activation_axes(lhs_spec, lhs.ndim, lc)
-    out = ste_int8_dot_general(lhs, jnp.asarray(rhs), dims, lhs_spec, rhs_spec, axes, lhs_scale)
+  if chosen.name == "int8-ste":
+    # `ste_int8_reason` chose it: both specs are set (symmetric int8)
+    lhs_q, rhs_q = cast(QuantSpec, lhs_spec), cast(QuantSpec, rhs_spec)
+    axes = activation_axes(lhs_q, lhs.ndim, lc)
+    out = ste_int8_dot_general(lhs, jnp.asarray(rhs), dims, lhs_q, rhs_q, axes, lhs_scale)
     return out.astype(out_dtype)
 
-  if lowering.name in ("w4a8", "int8"):  # int8 activations: static scale, or dynamic
+  if chosen.name in ("w4a8", "int8"):  # int8 activations: static scale, or dynamic
+    # `_choose_serve` picks the integer lowerings only for QArray weights
+    q_rhs = cast(QArray, rhs)
     act = lhs_spec or low.DYNAMIC_INT8
     q_lhs, s_lhs, _ = quantize_along(
       lhs, act, activation_axes(act, lhs.ndim, lc), scale=lhs_scale if lhs_spec else None
     )
-  if lowering.name == "w4a8":
-    return low.w4a8_dot(q_lhs, s_lhs, rhs, dims, lowering.pad_rows).astype(out_dtype)
-  if lowering.name == "int8":
-    acc = low.int8_dot(q_lhs, rhs, dims, lowering.pad_rows)
-    return low.rescale(acc, s_lhs, rhs.scale, tuple(lhs.shape), rhs.ndim, dims).astype(out_dtype)
+    if chosen.name == "w4a8":
+      return low.w4a8_dot(q_lhs, s_lhs, q_rhs, dims, chosen.pad_rows).astype(out_dtype)
+    acc = low.int8_dot(q_lhs, q_rhs, dims, chosen.pad_rows)
+    s_rhs = cast(jax.Array, q_rhs.scale)  # int8 weights always keep a scale (QArray.validate)
+    return low.rescale(acc, s_lhs, s_rhs, tuple(lhs.shape), q_rhs.ndim, dims).astype(out_dtype)
 
   # float paths: weights dequantized (or fake-quantized), activations quantize-dequantized
   w = float_weights(rhs, rhs_spec, lhs.dtype)

@@ -29,6 +29,7 @@ import contextlib
 import contextvars
 import dataclasses
 import math
+from typing import cast
 
 import jax
 import jax.numpy as jnp
@@ -184,7 +185,7 @@ def w4a8_reason(q: QArray, lhs_ndim: int, dims) -> str | None:
   if spec.granularity == "group":
     if spec.resolved_axis(2) != rc:
       return "weight groups run along the free axis"
-    if spec.group_size % 2:
+    if cast(int, spec.group_size) % 2:  # QuantSpec.__post_init__: an int for "group"
       return "odd group size"
   elif spec.granularity == "channel" and spec.resolved_axis(2) == rc:
     return "weight scales vary along the contraction"

@@ -126,7 +126,8 @@ def _rtn(w: jnp.ndarray, spec: QuantSpec) -> jnp.ndarray:
 def _scaled_error(x, refs, weights, s, spec: QuantSpec) -> jax.Array:
   """``Σ_layers ‖x W − (x / s) Q(diag(s) W)‖²`` for rows ``x [n, in]`` and scales ``s [in]``."""
   xs = x / s
-  return sum(jnp.sum((r - xs @ _rtn(w * s[:, None], spec)) ** 2) for r, w in zip(refs, weights))
+  errors = [jnp.sum((r - xs @ _rtn(w * s[:, None], spec)) ** 2) for r, w in zip(refs, weights)]
+  return functools.reduce(jnp.add, errors)
 
 
 def awq_candidates(x_mean: np.ndarray, w_mean: np.ndarray | None, grid: int = 20):
@@ -137,7 +138,7 @@ def awq_candidates(x_mean: np.ndarray, w_mean: np.ndarray | None, grid: int = 20
   for duo in (False, True) if w_mean is not None else (False,):
     for alpha in (i / grid for i in range(grid)):
       s = np.power(base, alpha)
-      if duo:  # the weights' own magnitude in the balance
+      if duo and w_mean is not None:  # the weights' own magnitude in the balance
         s = s / (np.power(w_mean, 1 - alpha) + 1e-4)
       s = np.maximum(s, 1e-4)
       yield alpha, duo, (s / np.sqrt(s.max() * s.min())).astype(np.float32)
@@ -158,13 +159,13 @@ def awq_search(
   ws = tuple(jnp.asarray(w, jnp.float32) for w in weights)
   refs = tuple(xj @ w for w in ws)
   w_mean = np.mean([_normalised_weight_mean(w, spec) for w in weights], axis=0) if duo else None
-  best, first = None, None
-  for alpha, _, s in awq_candidates(x_mean, w_mean, grid):
-    loss = float(_scaled_error(xj, refs, ws, jnp.asarray(s), spec))
-    first = loss if first is None else first
-    if best is None or loss < best[0]:
-      best = (loss, alpha, s)
-  return best[2], best[1], best[0] / max(first, 1e-30)
+  results = [
+    (float(_scaled_error(xj, refs, ws, jnp.asarray(s), spec)), alpha, s)
+    for alpha, _, s in awq_candidates(x_mean, w_mean, grid)
+  ]
+  first = results[0][0]
+  loss, alpha, s = min(results, key=lambda r: r[0])  # the first of equal losses, as before
+  return s, alpha, loss / max(first, 1e-30)
 
 
 def _normalised_weight_mean(w: np.ndarray, spec: QuantSpec) -> np.ndarray:
@@ -182,22 +183,22 @@ def _best_clip(x: jax.Array, w: jax.Array, spec: QuantSpec, ratios: tuple[float,
   lo, hi = (calibration.absmax_range if spec.symmetric else calibration.minmax_range)(view, axes)
   groups = view.shape[0] if spec.granularity == "group" else 1
   xg = x.reshape(x.shape[0], groups, -1)
-  best = None
-  for r in ratios:
+
+  def trial(r: float):
     scale, zero = scale_from_range(r * lo, r * hi, spec)
     q = quantize(w, spec, scale=scale, zero_point=zero, pack=False)
     dw = (w - dequantize(q)).reshape(groups, -1, w.shape[1])
     err = jnp.sum(jnp.einsum("ngk,gko->ngo", xg, dw) ** 2, axis=0).reshape(scale.shape)
-    if best is None:
-      best = (err, scale, zero)
-    else:
-      better = err < best[0]
-      best = (
-        jnp.where(better, err, best[0]),
-        jnp.where(better, scale, best[1]),
-        None if zero is None else jnp.where(better, zero, best[2]),
-      )
-  return best[1], best[2]
+    return err, scale, zero
+
+  best_err, best_scale, best_zero = trial(ratios[0])
+  for r in ratios[1:]:
+    err, scale, zero = trial(r)
+    better = err < best_err
+    best_err = jnp.where(better, err, best_err)
+    best_scale = jnp.where(better, scale, best_scale)
+    best_zero = None if zero is None or best_zero is None else jnp.where(better, zero, best_zero)
+  return best_scale, best_zero
 
 
 def awq_clip(x: np.ndarray, w: np.ndarray, spec: QuantSpec) -> QArray:

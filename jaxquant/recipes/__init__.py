@@ -108,9 +108,8 @@ def steps_for_method(method: str, options: Mapping[str, Any]) -> tuple[StepEntry
   if method == "smoothquant":
     return (("smoothquant", options), ("rtn", {}))
   if method == "mixed":
-    chosen = {
-      k: options.pop(k) for k in ("avg_bits", "sensitivity", "sensitivity_batches") if k in options
-    }
+    own = ("avg_bits", "sensitivity", "sensitivity_batches")
+    chosen: dict[str, Any] = {k: options.pop(k) for k in own if k in options}
     return (("mixed", chosen), ("gptq", options))
   return ((method, options),)
 

@@ -118,7 +118,7 @@ def add_learned_quantizers(
   extra: dict[str, dict[str, jax.Array]] = {}
   for path, value in named_leaves(params):
     idx, spec, _ = selection(path, value, tuple(rules))
-    if spec is None or not path.endswith("kernel"):
+    if idx is None or spec is None or not path.endswith("kernel"):
       continue
     module = path.rsplit("/", 1)[0]
     if weights:
@@ -157,6 +157,11 @@ def convert(qat_params: PyTree, rules: Sequence[Rule]) -> tuple[PyTree, dict[str
     drop.add(path)
     if path.endswith(LSQ):
       _, spec, _ = selection(kernel_path, leaves[kernel_path], tuple(rules))
+      if spec is None:
+        raise ValueError(
+          f"{kernel_path} has a learned {LSQ}, but no rule quantizes it; convert with the "
+          "rules the model was trained with."
+        )
       done[kernel_path] = quantize(leaves[kernel_path], spec, scale=value, path=kernel_path)
     else:
       alpha = jnp.abs(value).astype(jnp.float32)

@@ -134,13 +134,13 @@ def cached_attention(q: jax.Array, cache: KVCache, pos) -> jax.Array:
   """
   t, d, length = q.shape[1], q.shape[-1], cache.k.shape[2]
   scores = jnp.einsum("bqhd,bhkd->bhqk", q, cache.k.astype(q.dtype))
-  if cache.quantized:
+  if cache.k_scale is not None:  # INT8 cache
     scores = scores * _per_key(cache.k_scale).astype(scores.dtype)
   scores = scores / jnp.sqrt(d).astype(q.dtype)
   visible = jnp.arange(length)[None, :] <= pos + jnp.arange(t)[:, None]  # [T, S]
   scores = jnp.where(visible, scores, jnp.finfo(scores.dtype).min)
   weights = jax.nn.softmax(scores.astype(jnp.float32), axis=-1)
-  if cache.quantized:
+  if cache.v_scale is not None:  # INT8 cache
     weights = weights * _per_key(cache.v_scale)
   weights = weights.astype(q.dtype)
   return jnp.einsum("bhqk,bhkd->bqhd", weights, cache.v.astype(q.dtype))

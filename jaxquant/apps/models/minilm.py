@@ -17,12 +17,13 @@ import json
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax.typing import PrecisionLike
 from tokenizers import Tokenizer
 
 from jaxquant.interop import load_safetensors_params
@@ -118,7 +119,7 @@ class SelfAttention(nn.Module):
   """
 
   config: MiniLMConfig
-  precision: jax.lax.PrecisionLike = None
+  precision: PrecisionLike = None
 
   @nn.compact
   def __call__(self, x: jax.Array, attention_mask: jax.Array) -> jax.Array:
@@ -138,7 +139,7 @@ class AddNorm(nn.Module):
   """``LN(residual + dense(x))`` (BERT's ``*Output`` blocks): ``[B, S, ·]`` -> ``[B, S, H]``."""
 
   config: MiniLMConfig
-  precision: jax.lax.PrecisionLike = None
+  precision: PrecisionLike = None
 
   @nn.compact
   def __call__(self, x: jax.Array, residual: jax.Array) -> jax.Array:
@@ -149,7 +150,7 @@ class AddNorm(nn.Module):
 
 class Attention(nn.Module):
   config: MiniLMConfig
-  precision: jax.lax.PrecisionLike = None
+  precision: PrecisionLike = None
 
   @nn.compact
   def __call__(self, x: jax.Array, attention_mask: jax.Array) -> jax.Array:
@@ -162,7 +163,7 @@ class Intermediate(nn.Module):
   """``gelu(dense(x))`` with the exact (erf) GELU: ``[B, S, H]`` -> ``[B, S, I]``."""
 
   config: MiniLMConfig
-  precision: jax.lax.PrecisionLike = None
+  precision: PrecisionLike = None
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -174,7 +175,7 @@ class Layer(nn.Module):
   """One post-LN BERT block: attention then feed-forward, each ``LN(x + f(x))``."""
 
   config: MiniLMConfig
-  precision: jax.lax.PrecisionLike = None
+  precision: PrecisionLike = None
 
   @nn.compact
   def __call__(self, x: jax.Array, attention_mask: jax.Array) -> jax.Array:
@@ -185,7 +186,7 @@ class Layer(nn.Module):
 
 class Encoder(nn.Module):
   config: MiniLMConfig
-  precision: jax.lax.PrecisionLike = None
+  precision: PrecisionLike = None
 
   @nn.compact
   def __call__(self, x: jax.Array, attention_mask: jax.Array) -> jax.Array:
@@ -198,7 +199,7 @@ class Pooler(nn.Module):
   """BERT's pooled output ``tanh(dense(hidden[:, 0]))``: ``[B, S, H]`` -> ``[B, H]``."""
 
   config: MiniLMConfig
-  precision: jax.lax.PrecisionLike = None
+  precision: PrecisionLike = None
 
   @nn.compact
   def __call__(self, hidden: jax.Array) -> jax.Array:
@@ -217,7 +218,7 @@ class MiniLM(nn.Module):
   """
 
   config: MiniLMConfig = MiniLMConfig()
-  precision: jax.lax.PrecisionLike = None
+  precision: PrecisionLike = None
 
   @nn.compact
   def __call__(
@@ -322,7 +323,8 @@ def sentence_embedding_fn(apply_fn: ApplyFn) -> Callable:
 
 @functools.lru_cache(maxsize=1)
 def _float_embedding_fn() -> Callable:
-  return sentence_embedding_fn(MiniLM().apply)
+  # without `mutable`, Linen's apply returns the module's output alone: the hidden states
+  return sentence_embedding_fn(cast(ApplyFn, MiniLM().apply))
 
 
 def _batch_rows(n: int, batch_size: int) -> int:
