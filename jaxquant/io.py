@@ -193,8 +193,8 @@ def _jaxquant_header(path: Path) -> dict:
   if FORMAT_NAME not in meta:
     raise ValueError(
       f"{path} is a safetensors file but not a jaxquant checkpoint (no '{FORMAT_NAME}' "
-      "header). Read plain tensors with safetensors.numpy.load_file, or quantize it with "
-      f"`jaxquant quantize --model {path} ...`."
+      "header). Read it as a parameter tree with jaxquant.interop.load_safetensors_params "
+      "(layout='torch' for PyTorch weights), then quantize that with jaxquant.quantize_params."
     )
   header = json.loads(meta[FORMAT_NAME])
   if header.get("format_version", 0) > FORMAT_VERSION:

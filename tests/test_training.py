@@ -26,7 +26,7 @@ W_ONLY = [jq.Rule(".*", weight="int4:g16")]
 
 def _loss(apply, params, batch):
   out = apply({"params": params}, batch["x"])
-  return jnp.mean((out.astype(jnp.float32) - batch["y"]) ** 2)
+  return jnp.mean((out.astype(jnp.float32) - batch["y"].astype(jnp.float32)) ** 2)
 
 
 @pytest.fixture(scope="module")

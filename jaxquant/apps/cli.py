@@ -106,21 +106,21 @@ def cmd_plan(args) -> int:
   return 0
 
 
-def _apply(args, recipe: Recipe, params):
+def _apply(recipe: Recipe, params, plan: transforms.Plan):
   data_set = evaluate.minilm_calibration() if recipe.needs_data else None
-  return apply_recipe(recipe, params, data_set, progress=True)
+  return apply_recipe(recipe, params, data_set, plan=plan, progress=True)
 
 
 def cmd_quantize(args) -> int:
   out = Path(args.out)
   if out.exists() and not out.is_dir():
     raise ValueError(f"--out {out} is a file; give a folder (it will hold model.safetensors).")
-  params, _, recipe = _plan_for(args)
+  params, plan, recipe = _plan_for(args)
   recipe_name = recipe.name
   start = time.perf_counter()
   with warnings.catch_warnings():
     warnings.simplefilter("ignore", UserWarning)  # unused rules are shown in the summary
-    result = _apply(args, recipe, params)
+    result = _apply(recipe, params, plan)
   qparams, rules, plan = result.qparams, list(result.rules), result.plan
   elapsed = time.perf_counter() - start
   originals = dict(transforms.named_leaves(result.reference))

@@ -34,7 +34,8 @@ from jaxquant.ptq.driver import CalibrationSet, run
 from jaxquant.ptq.steps import make_step, step_options
 from jaxquant.rules import Rule, default_rules
 from jaxquant.spec import QuantSpec
-from jaxquant.transforms import Plan, plan
+from jaxquant import transforms
+from jaxquant.transforms import Plan
 
 StepEntry = tuple[str, Mapping[str, Any]]
 
@@ -226,24 +227,32 @@ class Quantized:
 
 
 def apply_recipe(
-  recipe: Recipe, params, data: CalibrationSet | None = None, *, progress: bool | Callable = False
+  recipe: Recipe,
+  params,
+  data: CalibrationSet | None = None,
+  *,
+  plan: Plan | None = None,
+  progress: bool | Callable = False,
 ) -> Quantized:
   """Quantizes `params` by `recipe`: its selectors choose the rules (mixed precision), then
   one layer-sequential pass of its smoothers and quantizer (`jaxquant.ptq.driver.run`). The
-  plan is made once per rule list and passed down (`Quantized.plan`). Data-driven steps need
-  `data`: the Linen model and calibration batches."""
+  plan is made once per rule list and passed down (`Quantized.plan`); pass `plan` if you made it
+  already for these params and ``recipe.rules``. Data-driven steps need `data`: the Linen model
+  and calibration batches."""
   selectors, smoothers, quantizer = recipe.build()
   if recipe.needs_data and (data is None or not data.batches):
     raise ValueError(
       f"Recipe {recipe.name!r} runs {recipe.step_names}, which need a runnable model and "
       "calibration batches (a jaxquant.ptq.CalibrationSet); or use an rtn/hqq recipe."
     )
-  p = plan(params, recipe.rules)
+  if plan is not None and plan.rules != recipe.rules:
+    raise ValueError(f"apply_recipe: the plan given was made from other rules than {recipe.name}'s.")
+  p = plan if plan is not None else transforms.plan(params, recipe.rules)
   p.check()
   info: dict[str, Any] = {}
   for selector in selectors:
     rules, info[selector.name] = selector(params, p, data, quantizer)
-    p = plan(params, rules)
+    p = transforms.plan(params, rules)
     p.check()
   result = run(params, p, smoothers, quantizer, data, progress)
   info.update(result.info)

@@ -85,7 +85,10 @@ def make_train_step(
       finite = jnp.isfinite(metrics["grad_norm"]) & jnp.isfinite(loss)
     else:
       finite = jnp.isfinite(loss)  # without loss scaling, overflow shows in the loss
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    # optax mixes Python floats with its int32 step count (bias corrections): let it promote
+    # as it expects even when the caller runs JAX with strict dtype promotion.
+    with jax.numpy_dtype_promotion("standard"):
+      updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     # the selects fuse into the update: skipping costs nothing on the normal path
     new = TrainState(
