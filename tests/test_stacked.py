@@ -6,9 +6,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 import jaxquant as jq
 from jaxquant import flax as jqf
+from jaxquant.flax import nnx as jqn
 from jaxquant.ops import explain, qdot_general
 
 DENSE = (((1,), (0,)), ((), ()))
@@ -196,3 +198,16 @@ def test_vmap_over_stacked_params_of_an_unchanged_layer(scanned):
     np.testing.assert_allclose(
       np.asarray(got[i]), np.asarray(serve.apply({"params": one}, x)), rtol=1e-5, atol=1e-5
     )
+
+
+def test_nnx_serve_model_under_vmap_over_stacked_states():
+  """An NNX serve-mode layer's state stacks (QArray kernels included) and vmaps like a loop."""
+  rules = [jq.Rule(".*", "int8", "int8:token")]
+  models = [jqn.quantize_model(nnx.Linear(32, 16, rngs=nnx.Rngs(i)), rules) for i in range(3)]
+  graphdef, _ = nnx.split(models[0])
+  stacked = jax.tree.map(lambda *a: jnp.stack(a), *[nnx.split(m)[1] for m in models])
+  assert stacked["kernel"].get_value().shape == (3, 32, 16)
+  x = jax.random.normal(jax.random.key(7), (5, 32))
+  got = jax.vmap(lambda s: nnx.merge(graphdef, s)(x))(stacked)
+  for i, m in enumerate(models):
+    np.testing.assert_allclose(np.asarray(got[i]), np.asarray(m(x)), rtol=1e-5, atol=1e-5)
