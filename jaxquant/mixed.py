@@ -20,6 +20,7 @@ each 4-bit choice (GPTQ in the shipped ``mixed:avg_bits=N``).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -111,7 +112,9 @@ def allocate(
   if not np.isfinite(best).any():
     # Rounding costs up to the grid left no pick inside it, although the cheapest pick fits
     # (checked above): the budget sits at the cheapest average, so the cheapest pick it is.
-    return {p: min(errors[p], key=lambda c, p=p: (costs[p][c], errors[p][c])) for p in paths}
+    return {
+      p: min(errors[p], key=functools.partial(_cost_then_error, costs[p], errors[p])) for p in paths
+    }
   b = int(np.argmin(best))
   out = {}
   for p, (choices, pick, units) in zip(reversed(paths), reversed(picks)):
@@ -119,6 +122,10 @@ def allocate(
     out[p] = choices[i]
     b -= units[i]
   return {p: out[p] for p in paths}
+
+
+def _cost_then_error(costs: Mapping, errors: Mapping, choice) -> tuple:
+  return costs[choice], errors[choice]
 
 
 def mixed_rules(
@@ -177,11 +184,16 @@ def output_errors(model, params, trials, batches, output_fn=None) -> dict:
   out = {}
   for key, (path, w) in trials.items():
     w = jnp.asarray(w)
-    trial = map_leaves(lambda p, v, w=w, path=path: w if p == path else v, params)
+    trial = map_leaves(functools.partial(_replace_at, path, w), params)
     out[key] = float(
       np.mean([float(jnp.mean((apply(trial, *b) - r) ** 2)) for b, r in zip(batches, references)])
     )
   return out
+
+
+def _replace_at(path: str, value, p: str, old):
+  """`value` at `path`, the old leaf elsewhere (for `map_leaves`)."""
+  return value if p == path else old
 
 
 def alone_weights(w: np.ndarray, h: np.ndarray, spec, quantizer: Any) -> np.ndarray:

@@ -56,7 +56,11 @@ class Rule:
         f"Rule pattern {self.pattern!r} is not a valid regular expression ({e}); "
         "escape literal characters with re.escape."
       ) from None
-    if isinstance(self.batch_dims, bool) or not isinstance(self.batch_dims, int) or self.batch_dims < 0:
+    if (
+      isinstance(self.batch_dims, bool)
+      or not isinstance(self.batch_dims, int)
+      or self.batch_dims < 0
+    ):
       raise ValueError(
         f"Rule {self.pattern!r}: batch_dims must be a non-negative int (the leading axes "
         f"that index stacked layers), got {self.batch_dims!r}."

@@ -272,7 +272,8 @@ def w4a8_dot(q_lhs: jax.Array, s_lhs: jax.Array, q: QArray, dims, pad: int) -> j
   if zero is not None:
     xsum = jnp.sum(x.astype(jnp.int32).reshape(m, groups, k // groups), axis=-1)
     acc = acc - xsum.astype(jnp.float32)[:, :, None] * zero.astype(jnp.float32)[None]
-  out = jnp.einsum("mgn,gn->mn", acc, _scales_gn(q.scale, q, rc, groups))[:rows]
+  scale = _scales_gn(q.scale, q, rc, groups)
+  out = jnp.einsum("mgn,gn->mn", acc, jnp.asarray(scale).astype(jnp.float32))[:rows]
   s = jnp.asarray(s_lhs, jnp.float32)
   s = s.reshape(-1, 1) if s.size == rows else s.reshape(())
   return (out * s).reshape(lead + (n,))
@@ -307,7 +308,7 @@ def rescale(
   s_r = jnp.transpose(s_rhs, rb + rfree + rc).reshape(
     tuple(s_rhs.shape[a] for a in rb) + (1,) * len(lfree) + tuple(s_rhs.shape[a] for a in rfree)
   )
-  return acc.astype(jnp.float32) * s_l * s_r
+  return acc.astype(jnp.float32) * s_l.astype(jnp.float32) * s_r.astype(jnp.float32)
 
 
 def int8_act_reason(spec: QuantSpec) -> str | None:

@@ -29,12 +29,11 @@ from typing import Any
 
 import yaml
 
-from jaxquant import mixed
+from jaxquant import mixed, transforms
 from jaxquant.ptq.driver import CalibrationSet, run
 from jaxquant.ptq.steps import make_step, step_options
 from jaxquant.rules import Rule, default_rules
 from jaxquant.spec import QuantSpec
-from jaxquant import transforms
 from jaxquant.transforms import Plan
 
 StepEntry = tuple[str, Mapping[str, Any]]
@@ -246,7 +245,9 @@ def apply_recipe(
       "calibration batches (a jaxquant.ptq.CalibrationSet); or use an rtn/hqq recipe."
     )
   if plan is not None and plan.rules != recipe.rules:
-    raise ValueError(f"apply_recipe: the plan given was made from other rules than {recipe.name}'s.")
+    raise ValueError(
+      f"apply_recipe: the plan given was made from other rules than {recipe.name}'s."
+    )
   p = plan if plan is not None else transforms.plan(params, recipe.rules)
   p.check()
   info: dict[str, Any] = {}

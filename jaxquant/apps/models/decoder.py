@@ -53,7 +53,7 @@ class RMSNorm(nn.Module):
     scale = self.param("scale", nn.initializers.ones, (x.shape[-1],))
     x32 = x.astype(jnp.float32)
     normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-    return (normed * scale).astype(x.dtype)
+    return (normed * scale.astype(jnp.float32)).astype(x.dtype)
 
 
 def rotary(x: jax.Array, positions: jax.Array) -> jax.Array:
