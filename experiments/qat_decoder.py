@@ -32,6 +32,7 @@ from jaxquant import flax as jqf
 from jaxquant import training
 from jaxquant.apps import data
 from jaxquant.apps.models.decoder import Decoder, DecoderConfig, next_byte_loss
+from jaxquant.ptq import CalibrationSet
 from jaxquant.recipes import Recipe, apply_recipe
 from jaxquant.transforms import tree_nbytes
 
@@ -217,7 +218,8 @@ def main() -> None:
     ("int4 ptq rtn", W4, "rtn"),
     ("int4 ptq gptq", W4, "gptq"),
   ]:
-    result = apply_recipe(Recipe(name, tuple(rules), method=method), fp32, Decoder(cfg), calib)
+    recipe = Recipe(name, tuple(rules), steps=((method, {}),))
+    result = apply_recipe(recipe, fp32, CalibrationSet(Decoder(cfg), calib))
     serve = jqf.quantize_model(Decoder(cfg), rules, "serve")
     report(
       name,

@@ -8,7 +8,8 @@ import pytest
 from jaxquant import io, mixed
 from jaxquant.apps import cli, data, evaluate
 from jaxquant.apps.models import minilm
-from jaxquant.rules import load_recipe
+from jaxquant.ptq import CalibrationSet, make_step
+from jaxquant.recipes import load_recipe
 from jaxquant.transforms import named_leaves, plan
 
 pytest.importorskip(minilm.PACKAGE, reason=minilm.INSTALL_HINT)
@@ -24,9 +25,11 @@ def test_gptq_checkpoint_round_trip_through_the_cli(tmp_path, monkeypatch):
   out = tmp_path / "gptq"
   assert cli.main(["quantize", "--recipe", "w4g128-gptq", "--out", str(out)]) == 0
   report = json.loads((out / "report.json").read_text())
-  assert report["method"] == "gptq" and len(report["info"]["damp"]) == 36
+  shipped = load_recipe("w4g128-gptq")
+  assert report["steps"] == [{n: o} for n, o in shipped.steps]
+  assert len(report["info"]["gptq"]) == 36  # every kernel's damping
   reproduce = load_recipe(str(out / "recipe.yaml"))
-  assert (reproduce.method, reproduce.rules) == ("gptq", load_recipe("w4g128-gptq").rules)
+  assert (reproduce.steps, reproduce.rules) == (shipped.steps, shipped.rules)
   text = tmp_path / "s.txt"
   sentences = data.evaluation_sentences(32)
   data.write_sentences(text, sentences)
@@ -52,20 +55,13 @@ def test_gptq_checkpoint_round_trip_through_the_cli(tmp_path, monkeypatch):
 
 
 def test_mixed_precision_chooses_widths_under_the_budget(params):
-  from jaxquant.recipes import choose_mixed_rules
-
   recipe = load_recipe("mixed:avg_bits=5")
   batches = evaluate.minilm_batches(data.calibration_sentences(32), batch_size=16)
   choices = ("int4:g128:asym", "int8", "bf16")  # one GPTQ per layer: quick
-  rules, info = choose_mixed_rules(
-    minilm.MiniLM(),
-    params,
-    recipe.rules,
-    batches,
-    5.0,
-    sensitivity="hessian",
-    choices=choices,
-    row_mask=lambda batch: batch[1],
+  step = mixed.Mixed(avg_bits=5.0, sensitivity="hessian", choices=choices)
+  data_set = CalibrationSet(minilm.MiniLM(), batches, row_mask=lambda batch: batch[1])
+  rules, info = mixed.choose_rules(
+    params, plan(params, recipe.rules), data_set, step, make_step("gptq")
   )
   assert info["average_bits"] <= 5.0 and set(info["specs"].values()) <= set(choices)
   assert len(info["specs"]) == 36 and set(info["specs"].values()) != {"int4:g128:asym"}
@@ -118,7 +114,7 @@ def test_data_driven_recipes_need_a_runnable_model(tmp_path, capsys):
     )
     == 2
   )
-  assert "needs a runnable model" in capsys.readouterr().out
+  assert "need calibration data" in capsys.readouterr().out
 
 
 @pytest.mark.slow
