@@ -120,7 +120,12 @@ def test_data_driven_recipes_need_a_runnable_model(tmp_path, capsys):
 @pytest.mark.slow
 @pytest.mark.parametrize(
   "recipe, floor",
-  [("w4g128-gptq", 0.985), ("w4g128-awq", 0.98), ("mixed:avg_bits=5", 0.995)],
+  [
+    ("w4g128-gptq", 0.985),
+    ("w4g128-awq", 0.98),
+    ("w4g128-awq-gptq", 0.99),
+    ("mixed:avg_bits=5", 0.995),
+  ],
 )
 def test_ptq_fidelity_targets(params, recipe, floor):
   sentences = data.evaluation_sentences(512)
