@@ -7,6 +7,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from jaxquant.apps import data
 from jaxquant.apps.models.decoder import Decoder, DecoderConfig, next_byte_loss
@@ -35,6 +36,7 @@ def test_decoder_is_causal_and_shapes_are_right():
   assert float(next_byte_loss(logits, tokens)) > 0
 
 
+@pytest.mark.slow  # 76 s on a 2-core CPU: the experiment's own smoke test
 def test_qat_experiment_quick_setting_runs(capsys, monkeypatch):
   monkeypatch.setattr(sys, "argv", ["qat_decoder.py", "--quick"])
   runpy.run_path(str(EXPERIMENT), run_name="__main__")
