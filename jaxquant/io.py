@@ -24,7 +24,7 @@ import safetensors
 from safetensors import TensorSpec
 
 from jaxquant._version import __version__
-from jaxquant.qarray import QArray
+from jaxquant.qarray import QArray, in_stored_order
 from jaxquant.spec import QuantSpec
 
 FORMAT_NAME = "jaxquant"
@@ -243,11 +243,7 @@ def _qarray_from_entry(entry: dict, children: dict[str, jax.Array], path: Path) 
   """The QArray a header entry describes, checked against the shape it records."""
   shape, perm = tuple(entry["shape"]), tuple(entry["perm"]) if entry.get("perm") else None
   packed = bool(entry["packed"])
-  stored = (
-    shape
-    if perm is None
-    else shape[: len(shape) - len(perm)] + tuple(shape[len(shape) - len(perm) + a] for a in perm)
-  )
+  stored = in_stored_order(shape, perm)
   pad = stored[-1] % 2 if packed and stored else 0
   values = children.get("values")
   if values is None:

@@ -142,6 +142,15 @@ jax.tree_util.register_dataclass(
 )
 
 
+def in_stored_order(logical: tuple, perm: tuple[int, ...] | None) -> tuple:
+  """`logical` (a shape, or per-axis entries such as a partition spec) in the axis order of a
+  QArray's `values` whose trailing axes are permuted by `perm`."""
+  if perm is None:
+    return tuple(logical)
+  lead = len(logical) - len(perm)
+  return tuple(logical[:lead]) + tuple(logical[lead + a] for a in perm)
+
+
 def _trailing_perm(perm) -> tuple[int, ...] | None:
   """`perm` without its leading axes that stay in place (they are batch axes to a slice):
   ``(0, 2, 1)`` -> ``(1, 0)``; the identity -> None."""
@@ -313,11 +322,7 @@ def qarray_sharding(q: QArray, sharding: NamedSharding) -> QArray:
     parts = tuple(p if d > 1 else None for p, d in zip(child_spec, child.shape))
     return NamedSharding(sharding.mesh, PartitionSpec(*parts))
 
-  if q.perm is None:
-    stored = logical
-  else:
-    lead = ndim - len(q.perm)
-    stored = logical[:lead] + tuple(logical[lead + a] for a in q.perm)
+  stored = in_stored_order(logical, q.perm)
   return dataclasses.replace(
     q,
     values=for_child(q.values, stored),

@@ -17,6 +17,7 @@ step that needs data is a single pass without a model.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -140,9 +141,14 @@ def run(
           info[quantizer.name][p] = note
       else:  # smoothed, but not the quantizer's to take
         done[p], _ = RTN()(weights[p], None, specs[p])
-    current = map_leaves(lambda path, v: done[path].dequantize() if path in done else v, current)
+    served = {p: done[p].dequantize() for p in block}  # earlier blocks are already replaced
+    current = map_leaves(functools.partial(_served_or, served), current)
   qparams = map_leaves(lambda path, v: done.get(path, v), reference)
   return Result(quantize_params(qparams, plan), reference, {k: v for k, v in info.items() if v})
+
+
+def _served_or(served: dict, path: str, value):
+  return served.get(path, value)
 
 
 def _groups(given, order: Sequence[str], specs: dict) -> list[SmoothGroup]:

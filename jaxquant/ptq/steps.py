@@ -23,7 +23,6 @@ import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar, Literal, Protocol
 
-import jax.numpy as jnp
 import numpy as np
 
 from jaxquant.numerics import quantize
@@ -109,11 +108,6 @@ def make_step(name: str, options: Mapping[str, Any] | None = None) -> Any:
     return cls(**(options or {}))
   except (TypeError, ValueError) as e:
     raise ValueError(f"Step {name!r}: {e}") from None
-
-
-def step_options(step: Any) -> dict:
-  """The options `step` was made with (for writing a recipe back)."""
-  return dataclasses.asdict(step)
 
 
 # --------------------------------------------------------------------------- quantizers
@@ -264,8 +258,3 @@ def merged(requests: Sequence[StatRequest]) -> list[StatRequest]:
       rows = None if None in (old.max_rows, r.max_rows) else max(old.max_rows, r.max_rows)  # type: ignore[type-var]
       out[r.kind] = StatRequest("inputs", rows)
   return list(out.values())
-
-
-def dequantized(q: QArray) -> jnp.ndarray:
-  """What a layer quantized earlier serves as, for the layers after it."""
-  return q.dequantize()

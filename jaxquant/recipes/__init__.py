@@ -30,8 +30,8 @@ from typing import Any
 import yaml
 
 from jaxquant import mixed, transforms
-from jaxquant.ptq.driver import CalibrationSet, run
-from jaxquant.ptq.steps import make_step, step_options
+from jaxquant.ptq.driver import CalibrationSet, needs_data, run
+from jaxquant.ptq.steps import make_step
 from jaxquant.rules import Rule, default_rules
 from jaxquant.spec import QuantSpec
 from jaxquant.transforms import Plan
@@ -58,7 +58,13 @@ class Recipe:
 
   def build(self) -> tuple[list[Any], list[Any], Any]:
     """``(selectors, smoothers, quantizer)``: the steps made and checked for order (selectors,
-    then smoothers, then at most one quantizer; round to nearest when none is named)."""
+    then smoothers, then at most one quantizer; round to nearest when none is named). Made
+    once: the steps are frozen dataclasses."""
+    if "_built" not in self.__dict__:
+      self.__dict__["_built"] = self._make_steps()  # frozen dataclass: the cache bypasses it
+    return self.__dict__["_built"]
+
+  def _make_steps(self) -> tuple[list[Any], list[Any], Any]:
     made = [make_step(n, o) for n, o in self.steps]
     order = {"select": 0, "smooth": 1, "quantize": 2}
     ranks = [order[s.kind] for s in made]
@@ -76,7 +82,7 @@ class Recipe:
   def needs_data(self) -> bool:
     """Whether applying the recipe needs a model and calibration batches."""
     selectors, smoothers, quantizer = self.build()
-    return any(s.needs is not None for s in [*selectors, *smoothers, quantizer])
+    return needs_data([*selectors, *smoothers, quantizer])
 
   @property
   def step_names(self) -> str:
@@ -273,9 +279,3 @@ def resolved_recipe(recipe: Recipe, result: Quantized) -> Recipe:
   rest = " + ".join(n for n, _ in steps) or "rtn"
   description = f"The formats {recipe.name} chose per layer ({counts}), applied by {rest}."
   return Recipe(f"{recipe.name} (chosen)", result.rules, description, steps or (("rtn", {}),))
-
-
-def recipe_steps_text(recipe: Recipe) -> list[str]:
-  """``name {options}`` of every step as made (defaults filled in), for reports."""
-  selectors, smoothers, quantizer = recipe.build()
-  return [f"{s.name} {step_options(s)}" for s in [*selectors, *smoothers, quantizer]]
