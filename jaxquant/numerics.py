@@ -339,6 +339,31 @@ def quantization_error(x: jax.Array, q: QArray) -> dict[str, float]:
   return {"rel_error": rel, "snr_db": snr}
 
 
+def quantize_float_zero(x: jax.Array, spec: SpecLike, *, pack: bool = True) -> QArray:
+  """Min-max round to nearest with a *float* zero point (llama.cpp's Q4_1; HQQ's start).
+
+  Per scale group ``lo, hi = min x, max x`` (zero need not lie inside), ``Δ = (hi − lo) /
+  (qmax − qmin)`` rounded to the nearest stored scale, ``z = qmin − lo / Δ`` kept in float32,
+  codes ``clip(round(x / Δ + z))``: ``x ≈ (q − z)·Δ``. Unlike an integer zero point, ``z`` is
+  not rounded, so the grid starts exactly at ``lo``. Needs an asymmetric integer spec.
+  """
+  spec = as_spec(spec)
+  if spec.info.kind != "int" or spec.symmetric:
+    raise ValueError(f"quantize_float_zero needs an asymmetric integer spec, got {spec}.")
+  check_input(x)
+  xv, axes = grouped_view(jnp.asarray(x, jnp.float32), spec)
+  lo, hi = jnp.min(xv, axes, keepdims=True), jnp.max(xv, axes, keepdims=True)
+  info = spec.info
+  step = (hi - lo) * (1.0 / (info.qmax - info.qmin))
+  step = jnp.where(step >= _TINY, step, 1.0)
+  finfo = jnp.finfo(spec.scale_storage)
+  scale = jnp.clip(step, float(finfo.smallest_normal), float(finfo.max)).astype(spec.scale_storage)
+  zero = (info.qmin - lo / scale.astype(jnp.float32)).astype(jnp.float32)
+  q = jnp.clip(jnp.round(xv / scale.astype(jnp.float32) + zero), *spec.int_range)
+  q = q.astype(info.storage).reshape(jnp.shape(x))
+  return from_codes(q, scale, zero, trailing_axes(spec, jnp.ndim(x)), jnp.asarray(x).dtype, pack)
+
+
 # --------------------------------------------------------------------------- explicit axes
 def quantize_along(
   x: jax.Array,

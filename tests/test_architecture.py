@@ -21,7 +21,7 @@ LAYERS = (
   ("jaxquant.rules",),
   ("jaxquant.transforms",),
   ("jaxquant.io",),
-  ("jaxquant.interop",),
+  ("jaxquant.interop", "jaxquant.gguf_io"),
   ("jaxquant.ops",),
   ("jaxquant.flax",),
   ("jaxquant.ptq",),

@@ -213,3 +213,60 @@ def byte_windows(data: np.ndarray, batch: int, length: int, rng: np.random.Gener
   """``uint8 [batch, length]`` windows of `data` at random offsets."""
   starts = rng.integers(0, len(data) - length, size=batch)
   return np.stack([data[s : s + length] for s in starts])
+
+
+# --------------------------------------------------------------------------- running prose
+def paragraphs(modules: tuple[str, ...]) -> list[str]:
+  """Deduplicated prose paragraphs (lines joined by spaces) of `modules`' docstrings, in
+  module, file and source order: the running English an LLM is scored and calibrated on."""
+  seen: dict[str, None] = {}
+  for name in modules:
+    for path in module_files(name):
+      for doc in docstrings(path):
+        for paragraph in re.split(r"\n\s*\n", doc):
+          lines = [line for line in paragraph.split("\n") if line.strip()]
+          if lines and _is_prose(lines):
+            text = " ".join(line.strip() for line in lines)
+            if len(text.split()) >= MIN_WORDS and text[0].isupper():
+              seen[text] = None
+  return list(seen)
+
+
+@functools.lru_cache(maxsize=1)
+def _prose_pools() -> tuple[tuple[str, ...], tuple[str, ...]]:
+  calibration = paragraphs(CALIBRATION_MODULES)
+  taken = set(calibration)
+  evaluation = [p for p in paragraphs(EVALUATION_MODULES) if p not in taken]
+  return tuple(calibration), tuple(evaluation)
+
+
+def calibration_text(max_chars: int | None = None) -> str:
+  """Calibration prose: `CALIBRATION_MODULES`' docstring paragraphs, one a line, in source
+  order, cut at a paragraph boundary before `max_chars` (None: all)."""
+  return _joined(_prose_pools()[0], max_chars)
+
+
+def evaluation_text(max_chars: int | None = None) -> str:
+  """Held-out prose, disjoint from `calibration_text`: `EVALUATION_MODULES`' paragraphs."""
+  return _joined(_prose_pools()[1], max_chars)
+
+
+def _joined(pool: tuple[str, ...], max_chars: int | None) -> str:
+  out, total = [], 0
+  for p in pool:
+    if max_chars is not None and total + len(p) + 1 > max_chars:
+      break
+    out.append(p)
+    total += len(p) + 1
+  return "\n".join(out)
+
+
+def read_text(path: str | os.PathLike, what: str = "--text") -> str:
+  """A user's UTF-8 text file, with a clear error when it is missing or empty."""
+  path = Path(path)
+  if not path.is_file():
+    raise FileNotFoundError(f"{what} {path}: no such file (give a UTF-8 text file).")
+  text = path.read_text(encoding="utf-8")
+  if not text.strip():
+    raise ValueError(f"{what} {path} is empty.")
+  return text

@@ -25,7 +25,7 @@ from typing import Any, ClassVar, Literal, Protocol
 
 import numpy as np
 
-from jaxquant.numerics import quantize
+from jaxquant.numerics import quantize, quantize_float_zero
 from jaxquant.ptq import smooth
 from jaxquant.ptq.capture import (
   RowMask,
@@ -114,15 +114,19 @@ def make_step(name: str, options: Mapping[str, Any] | None = None) -> Any:
 @register("rtn")
 @dataclasses.dataclass(frozen=True)
 class RTN:
-  """Round to nearest by the spec alone."""
+  """Round to nearest by the spec alone; ``float_zero``: min-max with an unrounded float zero
+  point (`numerics.quantize_float_zero`, llama.cpp's Q4_1 grid) for asymmetric integer specs."""
 
   kind: ClassVar[Kind] = "quantize"
   needs: ClassVar[StatRequest | None] = None
+  float_zero: bool = False
 
   def eligible(self, spec: QuantSpec, shape: tuple[int, ...]) -> bool:
-    return True
+    return not self.float_zero or (spec.info.kind == "int" and not spec.symmetric)
 
   def __call__(self, w, stats, spec):
+    if self.float_zero:
+      return quantize_float_zero(w, spec), {}
     return quantize(w, spec), {}
 
 
