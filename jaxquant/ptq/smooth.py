@@ -40,7 +40,7 @@ AWQ_CLIPS = tuple(1.0 - 0.05 * i for i in range(10))
 class SmoothGroup:
   """Layers (kernel paths) that share one input, and where their ``1/s`` can be folded.
 
-  `fold` is ``("norm", path)`` — a norm module with ``scale`` and ``bias`` — or
+  `fold` is ``("norm", path)`` — a norm module with ``scale`` (and ``bias``, if any) — or
   ``("dense_out", path)`` — a linear module whose output feeds the input linearly — or None
   (each layer then keeps an explicit ``input_scale``).
   """
@@ -85,12 +85,14 @@ def apply_smoothing(params: dict, groups: Sequence[SmoothGroup], scales: dict[in
       for path in group.layers:
         extra.setdefault(_module(path), {})[INPUT_SCALE] = s
     elif group.fold[0] == "norm":
-      for leaf in ("scale", "bias"):
-        updates[f"{group.fold[1]}/{leaf}"] = np.asarray(leaves[f"{group.fold[1]}/{leaf}"]) / s
+      for leaf in ("scale", "bias"):  # RMSNorm has no bias
+        if f"{group.fold[1]}/{leaf}" in leaves:
+          updates[f"{group.fold[1]}/{leaf}"] = np.asarray(leaves[f"{group.fold[1]}/{leaf}"]) / s
     elif group.fold[0] == "dense_out":
       kernel, bias = f"{group.fold[1]}/kernel", f"{group.fold[1]}/bias"
       updates[kernel] = np.asarray(updates.get(kernel, leaves[kernel])) / s[None, :]
-      updates[bias] = np.asarray(leaves[bias]) / s
+      if bias in leaves:
+        updates[bias] = np.asarray(leaves[bias]) / s
     else:
       raise ValueError(f"Unknown fold kind {group.fold[0]!r}; use 'norm' or 'dense_out'.")
   out = map_leaves(lambda path, v: jnp.asarray(updates[path]) if path in updates else v, params)
