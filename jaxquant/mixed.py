@@ -35,7 +35,7 @@ from jaxquant.ptq.capture import capture, execution_order, hessian_observer
 from jaxquant.ptq.driver import CalibrationSet
 from jaxquant.ptq.steps import Kind, StatRequest, register
 from jaxquant.rules import Rule, default_rules
-from jaxquant.spec import QuantSpec, as_spec
+from jaxquant.spec import QuantSpec, as_spec, check_group_size
 from jaxquant.transforms import Plan, map_leaves, named_leaves
 
 CANDIDATES: dict[int, str] = {4: "int4:g128:asym", 8: "int8", 16: "bf16"}
@@ -168,8 +168,18 @@ def choose_widths(
 
 # --------------------------------------------------------------------------- the recipe step
 def base_rules() -> list[Rule]:
-  """The rules a ``mixed:avg_bits=N`` recipe starts from (every kernel a candidate)."""
-  return default_rules(CHOICES[0])
+  """The rules a ``mixed:avg_bits=N`` recipe starts from (every kernel a candidate; groups of
+  32, which fit the most shapes, where the selector leaves a kernel alone)."""
+  return default_rules(CHOICES[2])
+
+
+def fits(spec: str | QuantSpec, shape: tuple[int, ...]) -> bool:
+  """Whether `spec` can quantize a tensor of `shape` (its groups divide their axis)."""
+  try:
+    check_group_size(as_spec(spec), tuple(shape))
+  except ValueError:
+    return False
+  return True
 
 
 def output_errors(model, params, trials, batches, output_fn=None) -> dict:
@@ -215,21 +225,27 @@ def alone_weights(w: np.ndarray, h: np.ndarray, spec, quantizer: Any) -> np.ndar
 class Mixed:
   """Per-layer formats from `CHOICES` under an ``avg_bits`` budget of stored bits.
 
-  Every layer is quantized alone by every choice (`alone_weights`). ``sensitivity="output"``
-  (default) scores a choice by the model-output error it causes on the first
-  `sensitivity_batches` batches; ``"hessian"`` by ``tr(ΔWᵀHΔW) / n`` alone.
+  Every layer is quantized alone by every choice that fits its shape (`alone_weights`).
+  ``sensitivity="output"`` scores a choice by the model-output error it causes on the first
+  `sensitivity_batches` batches (one forward per layer and choice); ``"hessian"`` by
+  ``tr(ΔWᵀHΔW) / n`` alone; ``"auto"`` (default) takes ``output`` when there are at most
+  `output_trials` layer-choice pairs (MiniLM: 36 layers × 5 = 180) and ``hessian`` beyond
+  (a 30-layer LLM: 210 layers, where per-trial forwards would take hours on a CPU).
   """
 
   kind: ClassVar[Kind] = "select"
   needs: ClassVar[StatRequest | None] = StatRequest("hessian")
   avg_bits: float = 5.0
-  sensitivity: str = "output"
+  sensitivity: str = "auto"
   sensitivity_batches: int = 4
+  output_trials: int = 256
   choices: tuple[str, ...] = CHOICES
 
   def __post_init__(self):
-    if self.sensitivity not in ("output", "hessian"):
-      raise ValueError(f"sensitivity must be 'output' or 'hessian', got {self.sensitivity!r}.")
+    if self.sensitivity not in ("auto", "output", "hessian"):
+      raise ValueError(
+        f"sensitivity must be 'auto', 'output' or 'hessian', got {self.sensitivity!r}."
+      )
     object.__setattr__(self, "avg_bits", float(self.avg_bits))
     object.__setattr__(self, "choices", tuple(self.choices))
 
@@ -250,10 +266,14 @@ def choose_rules(
   hessians = capture(data.model, params, rules, data.batches, hessian_observer(used), data.row_mask)
   leaves = {p: np.asarray(v) for p, v in named_leaves(params)}
   h = {p: np.asarray(hessians[p]["h"]) for p in used}  # off the device once per layer
+  allowed = {p: [c for c in choices if fits(c, leaves[p].shape)] for p in used}
   trials = {
-    (p, c): (p, alone_weights(leaves[p], h[p], c, quantizer)) for p in used for c in choices
+    (p, c): (p, alone_weights(leaves[p], h[p], c, quantizer)) for p in used for c in allowed[p]
   }
-  if step.sensitivity == "output":
+  sensitivity = step.sensitivity
+  if sensitivity == "auto":  # one forward per trial, unless there are too many
+    sensitivity = "output" if len(trials) <= step.output_trials else "hessian"
+  if sensitivity == "output":
     errors = output_errors(
       data.model, params, trials, data.batches[: step.sensitivity_batches], data.output_fn
     )
@@ -263,8 +283,8 @@ def choose_rules(
       for (p, c), (_, w) in trials.items()
     }
   sizes = {p: leaves[p].size for p in used}
-  per_layer = {p: {c: errors[p, c] for c in choices} for p in used}
-  costs = {p: {c: stored_bits(c, leaves[p].shape) for c in choices} for p in used}
+  per_layer = {p: {c: errors[p, c] for c in allowed[p]} for p in used}
+  costs = {p: {c: stored_bits(c, leaves[p].shape) for c in allowed[p]} for p in used}
   chosen = allocate(sizes, per_layer, step.avg_bits, costs)
   bits = {p: as_spec(c).bits for p, c in chosen.items()}
   stored = sum(costs[p][c] for p, c in chosen.items()) / sum(sizes.values())
@@ -274,5 +294,6 @@ def choose_rules(
     "average_bits": stored,
     "nominal_bits": average_bits(bits, sizes),
     "errors": {p: {str(c): e for c, e in es.items()} for p, es in per_layer.items()},
+    "sensitivity": sensitivity,
   }
   return mixed_rules(chosen, base=rules), info

@@ -5,6 +5,9 @@ jaxquant quantize --model weights.safetensors --layout torch --recipe int4:g128 
 jaxquant plan --model minilm --recipe w4g128
 jaxquant embed --model minilm --recipe w8a8 --sentences s.txt --out emb.npy
 jaxquant eval --model minilm --recipes fp32,w8,w8a8,w4g128 --json results.json
+jaxquant quantize --model smollm2 --recipe w4g64-gptq --calibration my.txt --out out/smol-w4
+jaxquant eval --model smollm2 --recipes fp32,w8,w4g64-gptq --text held_out.txt --window 512
+jaxquant generate --model smollm2 --checkpoint out/smol-w4 --prompt "The capital of France is"
 jaxquant recipes
 jaxquant export --model minilm --recipe w8a8 --out out/minilm-w8a8-export
 """
@@ -24,8 +27,8 @@ from rich.console import Console, JustifyMethod
 from rich.table import Table
 
 from jaxquant import export, interop, io, transforms
-from jaxquant.apps import bench, data, evaluate, serving
-from jaxquant.apps.models import minilm
+from jaxquant.apps import bench, data, evaluate, language, serving
+from jaxquant.apps.models import llama, minilm
 from jaxquant.numerics import quantization_error
 from jaxquant.recipes import Recipe, apply_recipe, load_recipe, recipe_names, resolved_recipe
 from jaxquant.rules import Rule
@@ -34,14 +37,41 @@ from jaxquant.rules import Rule
 console = Console() if sys.stdout.isatty() else Console(width=150)
 
 
+LLM_HELP = "'smollm2' (the packaged GGUF), a Llama-family .gguf file or Hugging Face folder"
+
+
+def is_llm(model: str) -> bool:
+  """``smollm2``, a ``.gguf`` file or a Hugging Face model folder (config.json)."""
+  return model == "smollm2" or model.endswith(".gguf") or (Path(model) / "config.json").is_file()
+
+
+def _llm_source(model: str) -> dict:
+  """`language.language_model` keywords for an LLM ``--model``."""
+  if model == "smollm2":
+    return {}
+  if model.endswith(".gguf"):
+    if not Path(model).is_file():
+      raise FileNotFoundError(f"--model {model}: no such GGUF file.")
+    return {"gguf": model}
+  return {"hf": model}
+
+
 def load_model_params(model: str, layout: str | None) -> tuple[dict, str]:
-  """``(params, description)`` for ``minilm`` or a path to a ``.safetensors`` file."""
+  """``(params, description)`` for ``minilm``, an LLM (`is_llm`) or a ``.safetensors`` file."""
   if model == "minilm":
     return minilm.load_params(), f"all-MiniLM-L6-v2 ({minilm.checkpoint_path()})"
+  if is_llm(model):
+    source = _llm_source(model)
+    if "hf" in source:
+      cfg, params = llama.load_hf(source["hf"])
+      return params, f"{source['hf']} ({cfg.layers} layers, dim {cfg.dim})"
+    path = source.get("gguf") or llama.smollm2_path()
+    cfg, params = llama.load_gguf(path)
+    return params, f"{path} ({cfg.layers} layers, dim {cfg.dim}, dequantized to float32)"
   path = Path(model)
   if not path.is_file():
     raise FileNotFoundError(
-      f"--model {model!r} is neither 'minilm' nor an existing .safetensors file."
+      f"--model {model!r} is not 'minilm', {LLM_HELP}, or an existing .safetensors file."
     )
   return interop.load_safetensors_params(path, layout or "flax"), str(path)
 
@@ -86,13 +116,16 @@ def plan_table(
 
 def _plan_for(args) -> tuple[dict, transforms.Plan, Recipe]:
   recipe = load_recipe(args.recipe)  # a bad recipe fails before the model is read
-  params, described = load_model_params(args.model, args.layout)
-  if recipe.needs_data and args.model != "minilm":
+  calibration = getattr(args, "calibration", None)
+  if calibration:  # a missing or empty file fails before any work
+    data.read_text(calibration, "--calibration")
+  if recipe.needs_data and args.model != "minilm" and not is_llm(args.model):
     raise ValueError(
       f"recipe {recipe.name!r} runs {recipe.step_names}, which need calibration data: the "
-      "command line calibrates the packaged MiniLM only (--model minilm); from Python, pass "
-      "your model and batches to jaxquant.apply_recipe, or use an rtn/hqq recipe here."
+      f"command line calibrates MiniLM (--model minilm) and LLMs ({LLM_HELP}); from Python, "
+      "pass your model and batches to jaxquant.apply_recipe, or use an rtn/hqq recipe here."
     )
+  params, described = load_model_params(args.model, args.layout)
   plan = transforms.plan(params, recipe.rules)
   plan.check()
   console.print(f"[bold]model[/] {described}\n[bold]recipe[/] {recipe.name}: {recipe.description}")
@@ -106,8 +139,24 @@ def cmd_plan(args) -> int:
   return 0
 
 
-def _apply(recipe: Recipe, params, plan: transforms.Plan):
-  data_set = evaluate.minilm_calibration() if recipe.needs_data else None
+def _apply(args, recipe: Recipe, params, plan: transforms.Plan):
+  data_set = None
+  if recipe.needs_data:
+    if is_llm(args.model):
+      source = _llm_source(args.model)
+      cfg, _ = (
+        llama.load_hf(source["hf"]) if "hf" in source else llama.load_gguf(source.get("gguf"))
+      )
+      tokenizer = (
+        language.hf_tokenizer(source["hf"])
+        if "hf" in source
+        else llama.gguf_tokenizer(source.get("gguf"))
+      )
+      text = data.read_text(args.calibration, "--calibration") if args.calibration else None
+      data_set = language.calibration_set(cfg, tokenizer, text)
+    else:
+      sentences = _read_lines(args.calibration, "--calibration") if args.calibration else None
+      data_set = evaluate.minilm_calibration(sentences)
   return apply_recipe(recipe, params, data_set, plan=plan, progress=True)
 
 
@@ -120,7 +169,7 @@ def cmd_quantize(args) -> int:
   start = time.perf_counter()
   with warnings.catch_warnings():
     warnings.simplefilter("ignore", UserWarning)  # unused rules are shown in the summary
-    result = _apply(recipe, params, plan)
+    result = _apply(args, recipe, params, plan)
   qparams, rules, plan = result.qparams, list(result.rules), result.plan
   elapsed = time.perf_counter() - start
   originals = dict(transforms.named_leaves(result.reference))
@@ -186,12 +235,12 @@ def _json_safe(x):
   return str(x)
 
 
-def _read_lines(path: str) -> list[str]:
+def _read_lines(path: str, what: str = "--sentences") -> list[str]:
   if not Path(path).is_file():
-    raise FileNotFoundError(f"--sentences {path}: no such file (one sentence per line).")
+    raise FileNotFoundError(f"{what} {path}: no such file (one sentence per line).")
   sentences = [s for s in data.read_sentences(path) if s.strip()]
   if not sentences:
-    raise ValueError(f"--sentences {path} has no non-empty lines.")
+    raise ValueError(f"{what} {path} has no non-empty lines.")
   return sentences
 
 
@@ -235,9 +284,26 @@ def cmd_embed(args) -> int:
   return 0
 
 
+LLM_RECIPES = "fp32,w8,w8a8,w4g64-asym,w4g64-gptq"
+MINILM_RECIPES = "fp32,bf16,w8,w8a8,w8a8-static,w4g128,w4g128-asym,nf4"
+
+
+def _recipe_names(text: str) -> list[str]:
+  names = [r.strip() for r in text.split(",") if r.strip()]
+  for name in names:  # fail on a bad name before any work
+    load_recipe(name)
+  if not names:
+    raise ValueError("--recipes is empty.")
+  return names
+
+
 def cmd_eval(args) -> int:
+  if is_llm(args.model):
+    return _eval_llm(args)
+  if args.text or args.calibration:
+    raise ValueError("--text and --calibration are for LLMs; MiniLM reads --sentences.")
   _require_minilm(args.model)
-  names = [r.strip() for r in args.recipes.split(",") if r.strip()]
+  names = [r.strip() for r in (args.recipes or MINILM_RECIPES).split(",") if r.strip()]
   for name in names:  # fail on a bad name before any work
     load_recipe(name)
   sentences = _read_lines(args.sentences) if args.sentences else data.evaluation_sentences(args.n)
@@ -283,6 +349,101 @@ def cmd_eval(args) -> int:
     path = Path(args.json)
     path.parent.mkdir(parents=True, exist_ok=True)
     _write_text_atomic(path, json.dumps({"sentences": len(sentences), "rows": rows}, indent=1))
+  return 0
+
+
+def _kv_kinds(text: str) -> list:
+  kinds = {"float32": [None], "int8": ["int8"], "both": [None, "int8"]}
+  if text not in kinds:
+    raise ValueError(f"--kv must be float32, int8 or both, got {text!r}.")
+  return kinds[text]
+
+
+def _eval_llm(args) -> int:
+  """Perplexity of each recipe on held-out text (the GPTQ paper's protocol)."""
+  names = _recipe_names(args.recipes or LLM_RECIPES)
+  kinds = _kv_kinds(args.kv)
+  text = data.read_text(args.text, "--text") if args.text else data.evaluation_text()
+  calibration = data.read_text(args.calibration, "--calibration") if args.calibration else None
+  source = _llm_source(args.model)
+  rows: list[dict] = []
+  windows = None
+  for name in names:
+    lm = language.language_model(name, **source, calibration_text=calibration, progress=True)
+    if windows is None:
+      windows = language.token_windows(lm.encode(text), args.window, args.max_windows)
+      console.print(
+        f"{args.model}: {windows.shape[0]} windows of {args.window} tokens "
+        f"({windows.shape[0] * (args.window - 1)} scored)",
+        highlight=False,
+      )
+    for kv in kinds:
+      got = language.perplexity(lm, windows, cache=kv, progress=True)
+      rows.append(
+        {
+          "recipe": name,
+          "kv_cache": kv or "float32",
+          **got,
+          "weight_bytes": lm.weight_bytes,
+          "linear_bytes": lm.linear_bytes,
+          "quantize_seconds": lm.quantize_seconds,
+        }
+      )
+      console.print(f"{name} (KV {kv or 'float32'}): perplexity {got['ppl']:.3f}", highlight=False)
+  ref = next((r for r in rows if r["recipe"] == "fp32" and r["kv_cache"] == "float32"), None)
+  for r in rows:
+    r["delta_vs_fp32"] = None if ref is None else r["ppl"] / ref["ppl"] - 1.0
+  table = Table(title=f"{args.model}: perplexity, windows of {args.window} tokens")
+  for col in ("recipe", "KV", "ppl", "Δ vs fp32", "weights MiB", "linear MiB", "quantize s"):
+    table.add_column(col, justify="left" if col in ("recipe", "KV") else "right", no_wrap=True)
+  for r in rows:
+    delta = "" if r["delta_vs_fp32"] is None else f"{r['delta_vs_fp32']:+.2%}"
+    table.add_row(
+      r["recipe"],
+      r["kv_cache"],
+      f"{r['ppl']:.3f}",
+      delta,
+      f"{r['weight_bytes'] / 2**20:.1f}",
+      f"{r['linear_bytes'] / 2**20:.1f}",
+      f"{r['quantize_seconds']:.0f}",
+    )
+  console.print(table)
+  if args.json:
+    path = Path(args.json)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    report = {"model": args.model, "window": args.window, "rows": rows}
+    _write_text_atomic(path, json.dumps(report, indent=1))
+  return 0
+
+
+def cmd_generate(args) -> int:
+  if not is_llm(args.model):
+    raise ValueError(f"--model {args.model!r}: generate runs an LLM ({LLM_HELP}).")
+  source = _llm_source(args.model)
+  if args.checkpoint:
+    if source.get("hf"):
+      raise ValueError("--checkpoint with a Hugging Face --model is not supported; use --recipe.")
+    lm = language.load_checkpoint(args.checkpoint, source.get("gguf"))
+  else:
+    load_recipe(args.recipe)  # a bad name fails before the model is read
+    calibration = data.read_text(args.calibration, "--calibration") if args.calibration else None
+    lm = language.language_model(args.recipe, **source, calibration_text=calibration)
+  got = language.generate_text(
+    lm,
+    args.prompt,
+    args.steps,
+    cache=args.cache,
+    temperature=args.temperature,
+    seed=args.seed,
+    repeats=args.repeats,
+  )
+  console.print(f"[bold]{got['prompt']}[/]{got['text']}", highlight=False)
+  console.print(
+    f"{lm.name}, KV cache {args.cache}: prefill {got['prompt_tokens']} tokens at "
+    f"{got['prefill_tps']:.1f} tokens/s, decode {args.steps} tokens at "
+    f"{got['decode_tps']:.1f} tokens/s (batch 1, median of {args.repeats} after compiling)",
+    highlight=False,
+  )
   return 0
 
 
@@ -367,6 +528,11 @@ def build_parser() -> argparse.ArgumentParser:
   q = sub.add_parser("quantize", help="quantize a checkpoint and report per-tensor error")
   model_args(q)
   q.add_argument("--out", required=True, help="output folder (model.safetensors, report.json)")
+  q.add_argument(
+    "--calibration",
+    help="your calibration text: an LLM reads it as running text, MiniLM one sentence a line "
+    "(default: standard-library docstrings, disjoint from the evaluation text)",
+  )
   q.set_defaults(func=cmd_quantize)
   p = sub.add_parser("plan", help="dry run: what a recipe would quantize, bytes before/after")
   model_args(p)
@@ -379,13 +545,35 @@ def build_parser() -> argparse.ArgumentParser:
   e.add_argument("--sentences", required=True, help="text file, one sentence per line")
   e.add_argument("--out", required=True, help=".npy file for the [N, 384] embeddings")
   e.set_defaults(func=cmd_embed)
-  v = sub.add_parser("eval", help="embedding fidelity of recipes against float32")
-  v.add_argument("--model", default="minilm")
-  v.add_argument("--recipes", default="fp32,bf16,w8,w8a8,w8a8-static,w4g128,w4g128-asym,nf4")
+  v = sub.add_parser(
+    "eval", help="MiniLM: embedding fidelity vs float32; LLMs: perplexity on held-out text"
+  )
+  v.add_argument("--model", default="minilm", help=f"'minilm' or {LLM_HELP}")
+  v.add_argument(
+    "--recipes", help=f"comma-separated (default minilm: {MINILM_RECIPES}; LLM: {LLM_RECIPES})"
+  )
   v.add_argument("--sentences", help="text file (default: held-out standard-library docstrings)")
   v.add_argument("-n", type=int, default=512, help="number of default held-out sentences")
+  v.add_argument("--text", help="LLM: held-out text file, one stream (default: stdlib prose)")
+  v.add_argument("--calibration", help="LLM: calibration text file for data-driven recipes")
+  v.add_argument("--window", type=int, default=language.DEFAULT_WINDOW, help="LLM: tokens a window")
+  v.add_argument("--max-windows", type=int, default=None, help="LLM: score at most this many")
+  v.add_argument("--kv", default="float32", help="LLM KV cache: float32, int8 or both")
   v.add_argument("--json", help="also write the results here")
   v.set_defaults(func=cmd_eval)
+  g = sub.add_parser("generate", help="LLM text generation, prefill and decode tokens/s")
+  g.add_argument("--model", default="smollm2", help=LLM_HELP)
+  group = g.add_mutually_exclusive_group()
+  group.add_argument("--recipe", default="fp32", help="recipe to quantize with (default fp32)")
+  group.add_argument("--checkpoint", help="folder written by `jaxquant quantize`")
+  g.add_argument("--prompt", required=True)
+  g.add_argument("--steps", type=int, default=32, help="new tokens")
+  g.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+  g.add_argument("--seed", type=int, default=0)
+  g.add_argument("--cache", choices=("float32", "bfloat16", "int8"), default="int8")
+  g.add_argument("--repeats", type=int, default=1, help="timed runs after the compiling one")
+  g.add_argument("--calibration", help="calibration text for data-driven recipes")
+  g.set_defaults(func=cmd_generate)
   r = sub.add_parser("recipes", help="list the shipped recipes")
   r.set_defaults(func=cmd_recipes)
   b = sub.add_parser("bench", help="speed of one layer per format and lowering (vs f32, Qwix)")

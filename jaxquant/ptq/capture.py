@@ -149,15 +149,18 @@ def collect_inputs(
 
 
 def execution_order(model, params, rules: Sequence[Rule], batch: tuple, paths) -> list[str]:
-  """Kernel paths among `paths` in the order the model calls their layers (one forward)."""
+  """Kernel paths among `paths` in the order the model calls their layers (one trace: the
+  observer runs in call order while tracing, whereas a jitted dict comes back key-sorted,
+  which would put ``layers_10`` before ``layers_2``)."""
   wanted = set(paths)
-  seen = capture(
-    model,
-    params,
-    rules,
-    [batch],
-    lambda path, prev, x, *_: jnp.zeros(()) if path in wanted else None,
-  )
+  seen: dict[str, None] = {}
+
+  def observe(path, previous, x, *_):
+    if path in wanted:
+      seen[path] = None
+    return None
+
+  capture(model, params, rules, [batch], observe)
   return list(seen)
 
 

