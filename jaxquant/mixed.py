@@ -231,6 +231,8 @@ class Mixed:
   ``tr(ΔWᵀHΔW) / n`` alone; ``"auto"`` (default) takes ``output`` when there are at most
   `output_trials` layer-choice pairs (MiniLM: 36 layers × 5 = 180) and ``hessian`` beyond
   (a 30-layer LLM: 210 layers, where per-trial forwards would take hours on a CPU).
+  ``trials``: each trial quantized by the recipe's quantizer (``"quantizer"``, e.g. GPTQ) or
+  rounded to nearest (``"rtn"``); ``"auto"`` uses the quantizer up to `output_trials` pairs.
   """
 
   kind: ClassVar[Kind] = "select"
@@ -239,6 +241,7 @@ class Mixed:
   sensitivity: str = "auto"
   sensitivity_batches: int = 4
   output_trials: int = 256
+  trials: str = "auto"
   choices: tuple[str, ...] = CHOICES
 
   def __post_init__(self):
@@ -246,6 +249,8 @@ class Mixed:
       raise ValueError(
         f"sensitivity must be 'auto', 'output' or 'hessian', got {self.sensitivity!r}."
       )
+    if self.trials not in ("auto", "quantizer", "rtn"):
+      raise ValueError(f"trials must be 'auto', 'quantizer' or 'rtn', got {self.trials!r}.")
     object.__setattr__(self, "avg_bits", float(self.avg_bits))
     object.__setattr__(self, "choices", tuple(self.choices))
 
@@ -267,12 +272,17 @@ def choose_rules(
   leaves = {p: np.asarray(v) for p, v in named_leaves(params)}
   h = {p: np.asarray(hessians[p]["h"]) for p in used}  # off the device once per layer
   allowed = {p: [c for c in choices if fits(c, leaves[p].shape)] for p in used}
+  few = sum(map(len, allowed.values())) <= step.output_trials
+  by_quantizer = step.trials == "quantizer" or (step.trials == "auto" and few)
+  trial_quantizer = quantizer if by_quantizer else None
   trials = {
-    (p, c): (p, alone_weights(leaves[p], h[p], c, quantizer)) for p in used for c in allowed[p]
+    (p, c): (p, alone_weights(leaves[p], h[p], c, trial_quantizer))
+    for p in used
+    for c in allowed[p]
   }
   sensitivity = step.sensitivity
   if sensitivity == "auto":  # one forward per trial, unless there are too many
-    sensitivity = "output" if len(trials) <= step.output_trials else "hessian"
+    sensitivity = "output" if few else "hessian"
   if sensitivity == "output":
     errors = output_errors(
       data.model, params, trials, data.batches[: step.sensitivity_batches], data.output_fn
@@ -295,5 +305,6 @@ def choose_rules(
     "nominal_bits": average_bits(bits, sizes),
     "errors": {p: {str(c): e for c, e in es.items()} for p, es in per_layer.items()},
     "sensitivity": sensitivity,
+    "trials": "quantizer" if trial_quantizer is not None else "rtn",
   }
   return mixed_rules(chosen, base=rules), info

@@ -241,7 +241,7 @@ def test_model_that_is_neither_minilm_nor_a_file(tmp_path, capsys, monkeypatch):
     message = capsys.readouterr().out
   message = text(message)
   assert message.startswith("error:")
-  assert "neither 'minilm' nor an existing .safetensors file" in message
+  assert "is not 'minilm'" in message and "an existing .safetensors file" in message
   assert squashed(str(missing)) in squashed(message)
   assert not out.exists()
 

@@ -13,6 +13,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import time
 from collections.abc import Callable, Hashable, Mapping
 from pathlib import Path
@@ -278,3 +279,21 @@ def run(
     except ImportError:
       progress("matplotlib not installed: no plot")
   return rows
+
+
+def cpu_description() -> dict:
+  """The CPU as speed tables name it: ``lscpu``'s model name, cores, and the integer/SIMD
+  flags that change what is fast (avx2, avx512f, avx512_vnni, avx512_bf16, amx_int8)."""
+  try:
+    out = subprocess.run(["lscpu"], check=True, capture_output=True, text=True).stdout
+  except (OSError, subprocess.CalledProcessError):
+    out = ""
+  fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
+  fields = {k.strip(): v.strip() for k, v in fields.items()}
+  flags = set(fields.get("Flags", "").split())
+  wanted = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_int8")
+  return {
+    "model": fields.get("Model name", platform.processor() or "unknown"),
+    "cores": os.cpu_count(),
+    "flags": {f: f in flags for f in wanted},
+  }

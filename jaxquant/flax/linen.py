@@ -93,7 +93,7 @@ def _needs_float_run(module: nn.Module) -> bool:
   return INPUT_SCALE in params or any(isinstance(v, QArray) for v in params.values())
 
 
-def _run_float(module: nn.Module, args, kwargs):
+def _run_float(module: nn.Module, args, kwargs, method: str = "__call__"):
   """A layer no rule quantizes but that holds QArrays (an `nn.Embed` table...) or an
   ``input_scale`` runs in float: dequantized values, inputs divided by the scale."""
   variables = dict(module.variables)
@@ -102,7 +102,7 @@ def _run_float(module: nn.Module, args, kwargs):
   }
   args = _divide_by_input_scale(params, args)
   variables["params"] = params
-  return module.clone(parent=None).apply(variables, *args, **kwargs)
+  return module.clone(parent=None).apply(variables, *args, method=method, **kwargs)
 
 
 def _einsum(module: nn.Einsum, cfg: common.LayerConfig, args, kwargs):
@@ -184,6 +184,8 @@ class QuantizedModel:
   def _interceptor(self, next_fun, args, kwargs, context):
     module = context.module
     if context.method_name != "__call__":
+      if context.method_name == "attend" and _needs_float_run(module):  # a tied output head
+        return _run_float(module, args, kwargs, "attend")
       return next_fun(*args, **kwargs)
     if type(module) in _SEAMS:
       attr = _SEAMS[type(module)]
