@@ -150,6 +150,7 @@ def to_qarray(t: GGUFTensor, layout: str = "flax", rows: np.ndarray | None = Non
   if t.type == "Q4_0":
     codes = codes.astype(np.int8) - 8
   elif t.type == "Q4_1":
+    assert m is not None  # block_fields returns the minimums of Q4_1
     # A constant block has d = 0 and every value m: say it as scale |m|, zero point -sign(m).
     m32 = m.astype(np.float32)
     flat = d32 == 0

@@ -21,6 +21,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from rich.console import Console, JustifyMethod
@@ -29,6 +30,7 @@ from rich.table import Table
 from jaxquant import export, interop, io, transforms
 from jaxquant.apps import bench, data, evaluate, language, serving
 from jaxquant.apps.models import llama, minilm
+from jaxquant.apps.models.cache import CacheKind
 from jaxquant.numerics import quantization_error
 from jaxquant.recipes import Recipe, apply_recipe, load_recipe, recipe_names, resolved_recipe
 from jaxquant.rules import Rule
@@ -309,7 +311,7 @@ def cmd_eval(args) -> int:
   sentences = _read_lines(args.sentences) if args.sentences else data.evaluation_sentences(args.n)
   reference = evaluate.minilm_encoder("fp32")
   ref_emb, _ = evaluate.timed_encode(reference, sentences)
-  rows = []
+  rows: list[dict[str, Any]] = []
   for name in names:
     encoder = evaluate.minilm_encoder(name)
     emb, seconds = evaluate.timed_encode(encoder, sentences)
@@ -352,8 +354,8 @@ def cmd_eval(args) -> int:
   return 0
 
 
-def _kv_kinds(text: str) -> list:
-  kinds = {"float32": [None], "int8": ["int8"], "both": [None, "int8"]}
+def _kv_kinds(text: str) -> list[CacheKind | None]:
+  kinds: dict[str, list[CacheKind | None]] = {"float32": [None], "int8": ["int8"], "both": [None, "int8"]}
   if text not in kinds:
     raise ValueError(f"--kv must be float32, int8 or both, got {text!r}.")
   return kinds[text]
