@@ -64,12 +64,9 @@ def load_model_params(model: str, layout: str | None) -> tuple[dict, str]:
     return minilm.load_params(), f"all-MiniLM-L6-v2 ({minilm.checkpoint_path()})"
   if is_llm(model):
     source = _llm_source(model)
-    if "hf" in source:
-      cfg, params = llama.load_hf(source["hf"])
-      return params, f"{source['hf']} ({cfg.layers} layers, dim {cfg.dim})"
-    path = source.get("gguf") or llama.smollm2_path()
-    cfg, params = llama.load_gguf(path)
-    return params, f"{path} ({cfg.layers} layers, dim {cfg.dim}, dequantized to float32)"
+    cfg, params, _ = language.load_source(**source)
+    where = source.get("hf") or source.get("gguf") or llama.smollm2_path()
+    return params, f"{where} ({cfg.layers} layers, dim {cfg.dim}; float32)"
   path = Path(model)
   if not path.is_file():
     raise FileNotFoundError(
@@ -145,15 +142,7 @@ def _apply(args, recipe: Recipe, params, plan: transforms.Plan):
   data_set = None
   if recipe.needs_data:
     if is_llm(args.model):
-      source = _llm_source(args.model)
-      cfg, _ = (
-        llama.load_hf(source["hf"]) if "hf" in source else llama.load_gguf(source.get("gguf"))
-      )
-      tokenizer = (
-        language.hf_tokenizer(source["hf"])
-        if "hf" in source
-        else llama.gguf_tokenizer(source.get("gguf"))
-      )
+      cfg, _, tokenizer = language.load_source(**_llm_source(args.model))
       text = data.read_text(args.calibration, "--calibration") if args.calibration else None
       data_set = language.calibration_set(cfg, tokenizer, text)
     else:
@@ -355,7 +344,11 @@ def cmd_eval(args) -> int:
 
 
 def _kv_kinds(text: str) -> list[CacheKind | None]:
-  kinds: dict[str, list[CacheKind | None]] = {"float32": [None], "int8": ["int8"], "both": [None, "int8"]}
+  kinds: dict[str, list[CacheKind | None]] = {
+    "float32": [None],
+    "int8": ["int8"],
+    "both": [None, "int8"],
+  }
   if text not in kinds:
     raise ValueError(f"--kv must be float32, int8 or both, got {text!r}.")
   return kinds[text]

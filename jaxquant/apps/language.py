@@ -141,8 +141,7 @@ def language_model(
   quantized by `recipe`, calibrated on `calibration_text` when the recipe needs data.
   `qparams` (e.g. `jaxquant.load` of a checkpoint) skips quantizing."""
   recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
-  cfg, params = llama.load_hf(hf) if hf else llama.load_gguf(gguf)
-  tokenizer = llama.gguf_tokenizer(gguf) if not hf else hf_tokenizer(hf)
+  cfg, params, tokenizer = load_source(gguf=gguf, hf=hf)
   rules, seconds, result = recipe.rules, 0.0, None
   batches = None
   if qparams is None:
@@ -163,6 +162,18 @@ def language_model(
     recipe.name, cfg, model, {"params": qparams}, tokenizer, total, kernels, tuple(rules),
     seconds, result,
   )  # fmt: skip
+
+
+def load_source(
+  *, gguf: str | None = None, hf: str | None = None
+) -> tuple[llama.LlamaConfig, dict, Tokenizer]:
+  """``(cfg, float params, tokenizer)`` of a GGUF file (default: the packaged SmolLM2) or of a
+  Hugging Face folder `hf`."""
+  if hf:
+    cfg, params = llama.load_hf(hf)
+    return cfg, params, hf_tokenizer(hf)
+  cfg, params = llama.load_gguf(gguf)
+  return cfg, params, llama.gguf_tokenizer(gguf)
 
 
 def hf_tokenizer(folder: str) -> Tokenizer:

@@ -407,6 +407,11 @@ def hf_config(cfg: LlamaConfig) -> dict:
 
 
 # --------------------------------------------------------------------------- tokenizer
+@functools.lru_cache(maxsize=2)
+def _cached_tokenizer(path: str) -> Tokenizer:
+  return gguf_tokenizer(read_gguf(path))
+
+
 # Pre-tokenizer regexes by GGUF ``tokenizer.ggml.pre`` (as llama.cpp names them).
 _WORDS = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|"
 _REST = r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
@@ -417,7 +422,8 @@ _CONTROL = 3  # tokenizer.ggml.token_type of special tokens
 def gguf_tokenizer(file: GGUFFile | str | os.PathLike | None = None) -> Tokenizer:
   """The byte-level BPE tokenizer stored in a GGUF file's metadata, rebuilt with `tokenizers`
   (vocabulary, merges, the pre-tokenizer its ``tokenizer.ggml.pre`` names, control tokens)."""
-  file = file if isinstance(file, GGUFFile) else read_gguf(file or smollm2_path())
+  if not isinstance(file, GGUFFile):
+    return _cached_tokenizer(str(file or smollm2_path()))
   meta = file.metadata
   if meta.get("tokenizer.ggml.model") != "gpt2":
     raise ValueError(
