@@ -229,8 +229,8 @@ class Mixed:
   ``sensitivity="output"`` scores a choice by the model-output error it causes on the first
   `sensitivity_batches` batches (one forward per layer and choice); ``"hessian"`` by
   ``tr(ΔWᵀHΔW) / n`` alone; ``"auto"`` (default) takes ``output`` when there are at most
-  `output_trials` layer-choice pairs (MiniLM: 36 layers × 5 = 180) and ``hessian`` beyond
-  (a 30-layer LLM: 210 layers, where per-trial forwards would take hours on a CPU).
+  `output_trials` layer-choice pairs (a 6-layer encoder: 36 layers × 5 = 180) and ``hessian``
+  beyond (a 30-layer LLM: 210 layers, where per-trial forwards would take hours on a CPU).
   ``trials``: each trial quantized by the recipe's quantizer (``"quantizer"``, e.g. GPTQ) or
   rounded to nearest (``"rtn"``); ``"auto"`` uses the quantizer up to `output_trials` pairs.
   """
