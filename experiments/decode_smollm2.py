@@ -58,10 +58,10 @@ def main() -> None:
   llamacpp = RESULTS / "llamacpp_smollm2.json"
   if llamacpp.is_file():
     for r in json.loads(llamacpp.read_text())["rows"]:
-      if r.get("decode_tps"):
+      if r.get("decode_tok_s"):
         lines.append(
-          f"| llama.cpp {r['type']} | its own | {r.get('prefill_tps', 0):.1f} | "
-          f"{r['decode_tps']:.1f} | {r['decode_tps'] / base['decode_tps']:.2f}× | "
+          f"| llama.cpp {r['type']} | its own | {r.get('prefill_tok_s', 0):.1f} | "
+          f"{r['decode_tok_s']:.1f} | {r['decode_tok_s'] / base['decode_tps']:.2f}× | "
           f"{r['file_mib']:.1f} (file) | |"
         )
   text = "\n".join(lines) + "\n"

@@ -108,9 +108,11 @@ def markdown(results: dict, qwix: dict | None, llamacpp: dict | None) -> str:
     if r.get("ppl") is None:
       lines.append(f"| {r['variant']} | float32 | n/a | | | | | ({r.get('notes', '')})")
       continue
+    linear = r.get("packed_linear_bytes") or r.get("linear_bytes") or 0
     lines.append(
       f"| {r['variant']} | float32 | {r['ppl']:.3f} | {delta(r['ppl'])} | "
-      f"{r['weight_bytes'] / 2**20:.1f} | | {r.get('quantize_seconds', 0):.0f} |"
+      f"{r.get('packed_bytes', r['weight_bytes']) / 2**20:.1f} | {linear / 2**20:.1f} | "
+      f"{r.get('quantize_seconds', 0):.0f} |"
     )
   if llamacpp:
     base = next((r for r in llamacpp["rows"] if r["type"] == "f32"), None)
@@ -161,6 +163,17 @@ def goals(results: dict) -> str:
   return "\n".join(out) + "\n"
 
 
+def same_windows(pattern: str, results: dict) -> dict | None:
+  """The first result file matching `pattern` scored on the same windows as `results`."""
+  for path in sorted(RESULTS.glob(pattern)):
+    other = json.loads(path.read_text())
+    rows = other.get("rows") or [{}]
+    windows = other.get("windows", rows[0].get("windows"))
+    if other.get("window") == results["window"] and windows == results["windows"]:
+      return other
+  return None
+
+
 def plot(results: dict, path: Path) -> None:
   import matplotlib
 
@@ -200,8 +213,11 @@ def main() -> None:
     names = [n.strip() for n in args.recipes.split(",") if n.strip()]
     evaluate(names, args.window, args.max_windows, kv, out)
   results = json.loads(out.read_text())
-  load = lambda name: json.loads(p.read_text()) if (p := RESULTS / name).is_file() else None
-  text = markdown(results, load("qwix_smollm2.json"), load("llamacpp_smollm2.json"))
+  text = markdown(
+    results,
+    same_windows("qwix_smollm2*.json", results),
+    same_windows("llamacpp_smollm2*.json", results),
+  )
   text += goals(results)
   (RESULTS / "ppl_smollm2.md").write_text(text)
   with contextlib.suppress(ImportError):  # matplotlib is the plot extra
