@@ -418,6 +418,12 @@ def cmd_generate(args) -> int:
   if args.checkpoint:
     if source.get("hf"):
       raise ValueError("--checkpoint with a Hugging Face --model is not supported; use --recipe.")
+    report_file = Path(args.checkpoint) / "report.json"
+    made_from = json.loads(report_file.read_text()).get("model") if report_file.is_file() else None
+    if made_from is not None and made_from != args.model:
+      raise ValueError(
+        f"--checkpoint {args.checkpoint} was quantized from --model {made_from}, not {args.model}."
+      )
     lm = language.load_checkpoint(args.checkpoint, source.get("gguf"))
   else:
     load_recipe(args.recipe)  # a bad name fails before the model is read
