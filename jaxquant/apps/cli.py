@@ -79,6 +79,12 @@ def _write_text_atomic(path: Path, text: str) -> None:
   io.atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
+def _write_json(path: str, obj) -> None:
+  """`obj` as indented JSON at `path` (folders made), written atomically."""
+  Path(path).parent.mkdir(parents=True, exist_ok=True)
+  _write_text_atomic(Path(path), json.dumps(obj, indent=1))
+
+
 def plan_table(
   plan: transforms.Plan,
   extra: dict[str, dict[str, str]] | None = None,
@@ -337,9 +343,7 @@ def cmd_eval(args) -> int:
     )
   console.print(table)
   if args.json:
-    path = Path(args.json)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _write_text_atomic(path, json.dumps({"sentences": len(sentences), "rows": rows}, indent=1))
+    _write_json(args.json, {"sentences": len(sentences), "rows": rows})
   return 0
 
 
@@ -404,10 +408,7 @@ def _eval_llm(args) -> int:
     )
   console.print(table)
   if args.json:
-    path = Path(args.json)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    report = {"model": args.model, "window": args.window, "rows": rows}
-    _write_text_atomic(path, json.dumps(report, indent=1))
+    _write_json(args.json, {"model": args.model, "window": args.window, "rows": rows})
   return 0
 
 

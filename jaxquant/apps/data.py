@@ -107,16 +107,19 @@ def _is_sentence(text: str) -> bool:
   return letters >= 0.85 * len(text) and "::" not in text
 
 
-def sentences_of(doc: str) -> list[str]:
-  """The prose sentences of one (cleaned) docstring with ``MIN_WORDS..MAX_WORDS`` words."""
-  out: list[str] = []
+def prose_paragraphs(doc: str) -> list[str]:
+  """The prose paragraphs of one (cleaned) docstring, each on one line."""
+  out = []
   for paragraph in re.split(r"\n\s*\n", doc):
     lines = [line for line in paragraph.split("\n") if line.strip()]
-    if not lines or not _is_prose(lines):
-      continue
-    text = " ".join(line.strip() for line in lines)
-    out.extend(s for s in _SENTENCE_END.split(text) if _is_sentence(s))
+    if lines and _is_prose(lines):
+      out.append(" ".join(line.strip() for line in lines))
   return out
+
+
+def sentences_of(doc: str) -> list[str]:
+  """The prose sentences of one (cleaned) docstring with ``MIN_WORDS..MAX_WORDS`` words."""
+  return [s for text in prose_paragraphs(doc) for s in _SENTENCE_END.split(text) if _is_sentence(s)]
 
 
 def collect(modules: tuple[str, ...]) -> list[str]:
@@ -136,9 +139,7 @@ def _shuffled(sentences: list[str]) -> tuple[str, ...]:
 
 @functools.lru_cache(maxsize=1)
 def _pools() -> tuple[tuple[str, ...], tuple[str, ...]]:
-  calibration = collect(CALIBRATION_MODULES)
-  taken = set(calibration)
-  evaluation = [s for s in collect(EVALUATION_MODULES) if s not in taken]
+  calibration, evaluation = _disjoint(collect)
   return _shuffled(calibration), _shuffled(evaluation)
 
 
@@ -217,26 +218,30 @@ def byte_windows(data: np.ndarray, batch: int, length: int, rng: np.random.Gener
 
 # --------------------------------------------------------------------------- running prose
 def paragraphs(modules: tuple[str, ...]) -> list[str]:
-  """Deduplicated prose paragraphs (lines joined by spaces) of `modules`' docstrings, in
-  module, file and source order: the running English an LLM is scored and calibrated on."""
+  """Deduplicated prose paragraphs of `modules`' docstrings (at least `MIN_WORDS` words, a
+  capital first), in module, file and source order: the running English an LLM is scored on."""
   seen: dict[str, None] = {}
   for name in modules:
     for path in module_files(name):
       for doc in docstrings(path):
-        for paragraph in re.split(r"\n\s*\n", doc):
-          lines = [line for line in paragraph.split("\n") if line.strip()]
-          if lines and _is_prose(lines):
-            text = " ".join(line.strip() for line in lines)
-            if len(text.split()) >= MIN_WORDS and text[0].isupper():
-              seen[text] = None
+        seen.update((p, None) for p in prose_paragraphs(doc) if _is_paragraph(p))
   return list(seen)
+
+
+def _is_paragraph(text: str) -> bool:
+  return len(text.split()) >= MIN_WORDS and text[0].isupper()
+
+
+def _disjoint(extract) -> tuple[list[str], list[str]]:
+  """``(calibration, evaluation)`` items of the two module lists, evaluation minus calibration."""
+  calibration = extract(CALIBRATION_MODULES)
+  taken = set(calibration)
+  return calibration, [x for x in extract(EVALUATION_MODULES) if x not in taken]
 
 
 @functools.lru_cache(maxsize=1)
 def _prose_pools() -> tuple[tuple[str, ...], tuple[str, ...]]:
-  calibration = paragraphs(CALIBRATION_MODULES)
-  taken = set(calibration)
-  evaluation = [p for p in paragraphs(EVALUATION_MODULES) if p not in taken]
+  calibration, evaluation = _disjoint(paragraphs)
   return tuple(calibration), tuple(evaluation)
 
 

@@ -27,6 +27,7 @@ from tokenizers import Tokenizer
 
 from jaxquant import io
 from jaxquant.apps import data
+from jaxquant.apps.evaluate import needs_calibration
 from jaxquant.apps.models import llama
 from jaxquant.apps.models.cache import CacheKind, init_cache, make_prefill_decode
 from jaxquant.flax import quantize_model
@@ -124,10 +125,6 @@ def static_stats(cfg, rules: Sequence[Rule], params: dict, batches: Sequence[tup
   return stats or {}
 
 
-def needs_static_ranges(rules: Sequence[Rule]) -> bool:
-  return any(r.act is not None and r.act.granularity == "tensor" for r in rules)
-
-
 def language_model(
   recipe: str | Recipe = "fp32",
   *,
@@ -151,7 +148,7 @@ def language_model(
     seconds = time.perf_counter() - start
     qparams, rules = result.qparams, result.rules
   stats = None
-  if needs_static_ranges(rules):
+  if needs_calibration(rules):
     batches = calibration_batches(tokenizer, calibration_text, sequences=16)
     stats = static_stats(cfg, rules, dequantize_params(qparams), batches)
   model = llama.Llama(cfg) if not rules else quantize_model(llama.Llama(cfg), rules, "serve", stats)
