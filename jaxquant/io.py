@@ -116,7 +116,7 @@ def _safetensors_name(dtype: np.dtype) -> str:
 def crc32(data: bytes | np.ndarray) -> int:
   """CRC-32 (zlib's) of the bytes of `data` (an array: its C-order bytes), unsigned."""
   if isinstance(data, np.ndarray):
-    data = np.ascontiguousarray(data).reshape(-1).view(np.uint8)
+    return zlib.crc32(np.ascontiguousarray(data).reshape(-1).view(np.uint8).data) & 0xFFFFFFFF
   return zlib.crc32(data) & 0xFFFFFFFF
 
 
@@ -260,7 +260,7 @@ def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
   (a save killed mid-write); returns what it removed. Live writers' files are kept."""
   path = Path(path)
   prefix = f".{path.name}."
-  removed = []
+  removed: list[Path] = []
   try:
     candidates = list(path.parent.iterdir())
   except OSError:
@@ -301,11 +301,9 @@ def _read_index(path: Path) -> tuple[dict, int]:
 
   Every tensor entry has a known dtype, a shape of non-negative ints and data offsets that match
   its size; together they tile the data section exactly."""
-  try:
-    f = open(path, "rb")
-  except IsADirectoryError:
-    raise ValueError(f"{path} is a folder without {DEFAULT_FILENAME}.") from None
-  with f:
+  if path.is_dir():
+    raise ValueError(f"{path} is a folder without {DEFAULT_FILENAME}.")
+  with open(path, "rb") as f:
     head = f.read(8)
     if len(head) < 8:
       raise ValueError(f"{path} is truncated or not a safetensors file (only {len(head)} bytes).")
@@ -429,7 +427,7 @@ def _read_tensor(f, path: Path, name: str, t: dict, start: int, want_crc: int | 
   begin, end = t["data_offsets"]
   buf = np.empty(end - begin, np.uint8)
   f.seek(start + begin)
-  if f.readinto(memoryview(buf)) != buf.size:
+  if f.readinto(buf.data) != buf.size:
     raise ValueError(f"{path} is truncated (tensor {name}); the file is corrupt: {_REMAKE}.")
   if want_crc is not None and crc32(buf) != want_crc:
     raise _corrupt(path, f"tensor {name} does not match its checksum (changed on disk)")

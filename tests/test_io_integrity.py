@@ -84,7 +84,9 @@ def _load_or_error(path):
     return e
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+  max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(data=st.data())
 def test_random_flips_and_truncations_never_load_a_different_tree(tmp_path, saved, data):
   raw, tree = saved
@@ -209,7 +211,7 @@ def test_format_versions_newer_older_and_unknown(tmp_path, saved):
   path = tmp_path / "v.safetensors"
   index, body = _split(raw)
   path.write_bytes(_join(_resealed(index, lambda h: h.update(format_version=99)), body))
-  with pytest.raises(ValueError, match="format 99.*Upgrade jaxquant"):
+  with pytest.raises(ValueError, match=r"format 99.*Upgrade jaxquant"):
     jq.load(path)
   index, body = _split(raw)
   path.write_bytes(_join(_resealed(index, lambda h: h.update(format_version=0)), body))
