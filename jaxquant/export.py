@@ -38,6 +38,7 @@ from jaxquant import io
 from jaxquant._version import __version__
 
 PLATFORMS = ("cpu", "cuda", "tpu")
+KNOWN_PLATFORMS = ("cpu", "cuda", "rocm", "tpu")  # what jax.export lowers for
 PROGRAM = "serve.jaxexport"
 PARAMS = io.DEFAULT_FILENAME
 MANIFEST = "export.json"
@@ -55,6 +56,19 @@ def symbolic_inputs(
   return [jax.ShapeDtypeStruct(shape, np.dtype(d)) for d in dtypes]
 
 
+def check_platforms(platforms: Sequence[str], what: str = "platforms") -> tuple[str, ...]:
+  """`platforms` as a tuple, or ValueError (naming `what`) if one is not a platform that
+  `jax.export` lowers for (it would write an artifact that runs nowhere), or none is given."""
+  platforms = tuple(platforms)
+  unknown = [p for p in platforms if p not in KNOWN_PLATFORMS]
+  if unknown or not platforms or len(set(platforms)) < len(platforms):
+    raise ValueError(
+      f"{what} {','.join(platforms) or '(none)'}: give distinct ones of "
+      f"{', '.join(KNOWN_PLATFORMS)}, such as {','.join(PLATFORMS)}."
+    )
+  return platforms
+
+
 def _abstract(tree):
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), tree)
 
@@ -68,9 +82,10 @@ def lower(
   jitted. Runs on any machine: lowering for CUDA or TPU needs no such device.
   """
   # `fn` with a `lower` method is already jitted (a `jax.stages.Wrapped`)
+  platforms = check_platforms(platforms)
   jitted = cast(jax.stages.Wrapped, fn) if hasattr(fn, "lower") else jax.jit(fn)
   shapes = [x if isinstance(x, jax.ShapeDtypeStruct) else _abstract(x) for x in inputs]
-  return jax_export.export(jitted, platforms=tuple(platforms))(_abstract(variables), *shapes)
+  return jax_export.export(jitted, platforms=platforms)(_abstract(variables), *shapes)
 
 
 def _describe(x: jax.core.ShapedArray) -> dict:
@@ -81,12 +96,17 @@ def _describe(x: jax.core.ShapedArray) -> dict:
 
 
 def save_exported(
-  out: str | os.PathLike, exported: jax_export.Exported, variables, metadata: dict | None = None
+  out: str | os.PathLike,
+  exported: jax_export.Exported,
+  variables,
+  metadata: dict | None = None,
+  check: Callable[[Path], object] | None = None,
 ) -> Path:
   """Writes the artifact folder `out` (see module doc); files appear only once all are written.
 
   The files are written to a temporary folder beside `out`, then moved in, the manifest last;
-  other files already in `out` are left alone.
+  other files already in `out` are left alone. ``check(folder)`` (e.g. `load_exported` and a
+  test call) runs on the complete temporary folder first: if it raises, `out` is untouched.
   """
   out = Path(out)
   out.parent.mkdir(parents=True, exist_ok=True)
@@ -109,6 +129,8 @@ def save_exported(
     (tmp / PROGRAM).write_bytes(exported.serialize())
     io.save(tmp / PARAMS, variables)
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    if check is not None:
+      check(tmp)
     out.mkdir(exist_ok=True)
     for name in (PROGRAM, PARAMS, MANIFEST):
       os.replace(tmp / name, out / name)
@@ -124,9 +146,11 @@ def export_serve(
   inputs: Sequence[Any],
   platforms: Sequence[str] = PLATFORMS,
   metadata: dict | None = None,
+  check: Callable[[Path], object] | None = None,
 ) -> Path:
   """`lower` then `save_exported`: the artifact folder for ``fn(variables, *inputs)``."""
-  return save_exported(out, lower(fn, variables, inputs, platforms), variables, metadata)
+  exported = lower(fn, variables, inputs, platforms)
+  return save_exported(out, exported, variables, metadata, check)
 
 
 @dataclasses.dataclass

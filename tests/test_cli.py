@@ -203,7 +203,7 @@ def test_unknown_recipe_fails_before_reading_the_model(tmp_path, capsys, monkeyp
   out = tmp_path / "q"
   argv = ["quantize", "--model", "minilm", "--recipe", "no-such-recipe", "--out", str(out)]
   assert main(argv) == 2
-  message = text(capsys.readouterr().out)
+  message = text(capsys.readouterr().err)
   assert "error:" in message and "no-such-recipe" in message
   for name in recipe_names():
     assert name in message, name
@@ -219,7 +219,7 @@ def test_data_driven_recipe_on_a_safetensors_file_is_refused(tmp_path, capsys, m
   out = tmp_path / "q"
   argv = ["quantize", "--model", str(file), "--recipe", "w4g128-gptq", "--out", str(out)]
   assert main(argv) == 2
-  message = text(capsys.readouterr().out)
+  message = text(capsys.readouterr().err)
   assert "error:" in message and "w4g128-gptq" in message
   assert "calibration data" in message and "--model minilm" in message
   assert not out.exists()
@@ -238,7 +238,7 @@ def test_model_that_is_neither_minilm_nor_a_file(tmp_path, capsys, monkeypatch):
     message = str(e.code)
   else:
     assert code == 2
-    message = capsys.readouterr().out
+    message = capsys.readouterr().err
   message = text(message)
   assert message.startswith("error:")
   assert "is not 'minilm'" in message and "an existing .safetensors file" in message
@@ -252,12 +252,12 @@ def test_embed_with_a_missing_or_empty_sentences_file(tmp_path, capsys, monkeypa
   out = tmp_path / "emb.npy"
   argv = ["embed", "--model", "minilm", "--recipe", "w8", "--out", str(out)]
   assert main([*argv, "--sentences", str(missing)]) == 2
-  message = capsys.readouterr().out
+  message = capsys.readouterr().err
   assert "error:" in message and squashed(str(missing)) in squashed(message)
   empty = tmp_path / "empty.txt"
   empty.write_text("")
   assert main([*argv, "--sentences", str(empty)]) == 2
-  assert "no non-empty lines" in text(capsys.readouterr().out)
+  assert "no non-empty lines" in text(capsys.readouterr().err)
   assert not out.exists()
   assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.txt"]
 
@@ -269,7 +269,7 @@ def test_embed_refuses_a_sentences_file_of_blank_lines(tmp_path, capsys, monkeyp
   out = tmp_path / "emb.npy"
   argv = ["embed", "--model", "minilm", "--recipe", "fp32", "--sentences", str(blank)]
   assert main([*argv, "--out", str(out)]) == 2
-  assert "no non-empty lines" in text(capsys.readouterr().out)
+  assert "no non-empty lines" in text(capsys.readouterr().err)
   assert not out.exists()
 
 
@@ -280,11 +280,11 @@ def test_eval_refuses_other_models_and_bad_recipes_before_any_work(
   results = tmp_path / "results.json"
   argv = ["eval", "--recipes", "w8", "--sentences", str(sentences_file), "--json", str(results)]
   assert main([*argv, "--model", str(tmp_path / "other.safetensors")]) == 2
-  message = text(capsys.readouterr().out)
+  message = text(capsys.readouterr().err)
   assert "error:" in message and "--model minilm" in message
   argv = ["eval", "--model", "minilm", "--recipes", "w8,no-such-recipe", "--json", str(results)]
   assert main([*argv, "--sentences", str(sentences_file)]) == 2
-  assert "no-such-recipe" in text(capsys.readouterr().out)
+  assert "no-such-recipe" in text(capsys.readouterr().err)
   assert not results.exists()
 
 
@@ -292,7 +292,7 @@ def test_eval_checks_recipe_names_before_building_default_sentences(capsys, monk
   monkeypatch.setattr(cli.data, "evaluation_sentences", boom("data.evaluation_sentences"))
   monkeypatch.setattr(evaluate, "minilm_encoder", boom("the encoder"))
   assert main(["eval", "--model", "minilm", "--recipes", "w8,no-such-recipe"]) == 2
-  assert "no-such-recipe" in text(capsys.readouterr().out)
+  assert "no-such-recipe" in text(capsys.readouterr().err)
 
 
 def test_quantize_to_an_out_that_is_a_file(tmp_path, capsys):
@@ -301,7 +301,7 @@ def test_quantize_to_an_out_that_is_a_file(tmp_path, capsys):
   taken = tmp_path / "taken"
   taken.write_text("not a folder")
   assert main(["quantize", "--model", str(file), "--recipe", "int8", "--out", str(taken)]) == 2
-  assert "error:" in text(capsys.readouterr().out)
+  assert "error:" in text(capsys.readouterr().err)
   assert taken.read_text() == "not a folder"
 
 

@@ -290,7 +290,7 @@ def test_cli_bad_llm_input_fails_before_any_work(tmp_path, capsys, monkeypatch, 
   if argv[0] == "quantize":
     argv += ["--out", str(tmp_path / "q")]
   assert main(argv) == 2
-  printed = " ".join(capsys.readouterr().out.split())
+  printed = " ".join(capsys.readouterr().err.split())
   assert "error:" in printed and message in printed
   assert not (tmp_path / "q").exists()
 

@@ -123,6 +123,6 @@ def test_cli_takes_any_safetensors_file(tmp_path, capsys):
 
 def test_cli_bad_input_is_a_clear_error(tmp_path, capsys):
   assert cli.main(["quantize", "--recipe", "int4:g100", "--out", str(tmp_path / "x")]) == 2
-  printed = capsys.readouterr().out
+  printed = capsys.readouterr().err
   assert "group size 100 does not divide axis 0 of size 384" in " ".join(printed.split())
   assert not (tmp_path / "x").exists()

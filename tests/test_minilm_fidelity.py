@@ -100,4 +100,4 @@ def test_cli_embed_reads_a_quantized_checkpoint(tmp_path):
 
 def test_cli_bad_recipe_fails_before_work(tmp_path, capsys):
   assert cli.main(["eval", "--recipes", "w8,nope"]) == 2
-  assert "Unknown recipe 'nope'" in capsys.readouterr().out
+  assert "Unknown recipe 'nope'" in capsys.readouterr().err

@@ -114,7 +114,7 @@ def test_data_driven_recipes_need_a_runnable_model(tmp_path, capsys):
     )
     == 2
   )
-  assert "need calibration data" in capsys.readouterr().out
+  assert "need calibration data" in capsys.readouterr().err
 
 
 @pytest.mark.slow

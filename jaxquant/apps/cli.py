@@ -10,6 +10,10 @@ jaxquant eval --model smollm2 --recipes fp32,w8,w4g64-gptq --text held_out.txt -
 jaxquant generate --model smollm2 --checkpoint out/smol-w4 --prompt "The capital of France is"
 jaxquant recipes
 jaxquant export --model minilm --recipe w8a8 --out out/minilm-w8a8-export
+
+Exit status 0: done; 2: bad input (one ``error:`` line on stderr; ``--debug`` adds the
+traceback); 1: an internal error (with its traceback). Every output path is checked before
+any work, and an existing output is replaced only with ``--overwrite``.
 """
 
 from __future__ import annotations
@@ -19,18 +23,24 @@ import json
 import math
 import sys
 import time
+import traceback
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from rich.console import Console, JustifyMethod
 from rich.table import Table
 
 from jaxquant import export, interop, io, transforms
-from jaxquant.apps import bench, data, evaluate, language, serving
+from jaxquant.apps import bench, checks, data, evaluate, language, serving
+from jaxquant.apps.checks import UsageError, check_output
 from jaxquant.apps.models import llama, minilm
 from jaxquant.apps.models.cache import CacheKind
+from jaxquant.apps.models.decoder import Decoder
 from jaxquant.numerics import quantization_error
 from jaxquant.recipes import Recipe, apply_recipe, load_recipe, recipe_names, resolved_recipe
 from jaxquant.rules import Rule
@@ -158,9 +168,7 @@ def _apply(args, recipe: Recipe, params, plan: transforms.Plan):
 
 
 def cmd_quantize(args) -> int:
-  out = Path(args.out)
-  if out.exists() and not out.is_dir():
-    raise ValueError(f"--out {out} is a file; give a folder (it will hold model.safetensors).")
+  out = check_output(args.out, "dir", args.overwrite)
   params, plan, recipe = _plan_for(args)
   recipe_name = recipe.name
   start = time.perf_counter()
@@ -233,28 +241,25 @@ def _json_safe(x):
 
 
 def _read_lines(path: str, what: str = "--sentences") -> list[str]:
-  if not Path(path).is_file():
-    raise FileNotFoundError(f"{what} {path}: no such file (one sentence per line).")
-  sentences = [s for s in data.read_sentences(path) if s.strip()]
+  sentences = [s for s in data.read_sentences(path, what) if s.strip()]
   if not sentences:
     raise ValueError(f"{what} {path} has no non-empty lines.")
   return sentences
 
 
-def _encoder(args):
-  _require_minilm(args.model)
-  if args.checkpoint:
-    folder = Path(args.checkpoint)
-    report = (
-      json.loads((folder / "report.json").read_text())
-      if (folder / "report.json").is_file()
-      else None
-    )
-    if report is None:
-      raise FileNotFoundError(f"{folder} has no report.json; make it with `jaxquant quantize`.")
+def _checked_report(checkpoint: str, model: str, expected: Callable[[], checks.Shapes]) -> dict:
+  """The report of a `jaxquant quantize` folder whose parameters fit `model`, whose shapes
+  ``expected()`` gives (else UsageError)."""
+  report = checks.read_report(checkpoint)
+  checks.check_checkpoint(checkpoint, model, expected(), report)
+  return report
+
+
+def _encoder(args, report: dict | None):
+  if report is not None:
     rules = tuple(Rule(**r) for r in report["rules"])
-    recipe = Recipe(report["recipe"], rules, f"checkpoint {folder}")
-    return evaluate.minilm_encoder(recipe, qparams=io.load(folder))
+    recipe = Recipe(report["recipe"], rules, f"checkpoint {args.checkpoint}")
+    return evaluate.minilm_encoder(recipe, qparams=io.load(args.checkpoint))
   return evaluate.minilm_encoder(args.recipe)
 
 
@@ -266,8 +271,15 @@ def _require_minilm(model: str) -> None:
 
 
 def cmd_embed(args) -> int:
+  check_output(args.out, "file", args.overwrite)
+  _require_minilm(args.model)
   sentences = _read_lines(args.sentences)
-  encoder = _encoder(args)
+  report = None
+  if args.checkpoint:
+    report = _checked_report(args.checkpoint, args.model, checks.minilm_shapes)
+  else:
+    load_recipe(args.recipe)  # a bad recipe fails before the model is read
+  encoder = _encoder(args, report)
   emb = encoder.encode(sentences)
 
   def write(tmp: str) -> None:
@@ -294,7 +306,20 @@ def _recipe_names(text: str) -> list[str]:
   return names
 
 
+def _at_least(args, **minimums: int) -> None:
+  """UsageError naming the first option (``max_windows`` is ``--max-windows``) below its
+  minimum; options left unset (None) pass."""
+  for name, low in minimums.items():
+    value = getattr(args, name)
+    if value is not None and value < low:
+      option = ("-" if len(name) == 1 else "--") + name.replace("_", "-")
+      raise UsageError(f"{option} must be at least {low}, got {value}.")
+
+
 def cmd_eval(args) -> int:
+  if args.json:
+    check_output(args.json, "file", args.overwrite, "--json")
+  _at_least(args, n=1, window=2, max_windows=1)
   if is_llm(args.model):
     return _eval_llm(args)
   if args.text or args.calibration:
@@ -415,16 +440,16 @@ def _eval_llm(args) -> int:
 def cmd_generate(args) -> int:
   if not is_llm(args.model):
     raise ValueError(f"--model {args.model!r}: generate runs an LLM ({LLM_HELP}).")
+  _at_least(args, steps=1, repeats=1)
+  if args.temperature < 0 or not math.isfinite(args.temperature):
+    raise UsageError(f"--temperature must be 0 (greedy) or more, got {args.temperature}.")
+  if not args.prompt.strip():
+    raise UsageError("--prompt is empty; give the text to continue.")
   source = _llm_source(args.model)
   if args.checkpoint:
     if source.get("hf"):
       raise ValueError("--checkpoint with a Hugging Face --model is not supported; use --recipe.")
-    report_file = Path(args.checkpoint) / "report.json"
-    made_from = json.loads(report_file.read_text()).get("model") if report_file.is_file() else None
-    if made_from is not None and made_from != args.model:
-      raise ValueError(
-        f"--checkpoint {args.checkpoint} was quantized from --model {made_from}, not {args.model}."
-      )
+    _checked_report(args.checkpoint, args.model, lambda: checks.llm_shapes(source.get("gguf")))
     lm = language.load_checkpoint(args.checkpoint, source.get("gguf"))
   else:
     load_recipe(args.recipe)  # a bad name fails before the model is read
@@ -449,7 +474,13 @@ def cmd_generate(args) -> int:
   return 0
 
 
+BENCH_FILES = ("bench_ops.md", "bench_ops.json", "bench_ops.png")
+
+
 def cmd_bench(args) -> int:
+  _at_least(args, repeats=1)
+  for name in BENCH_FILES:
+    check_output(Path(args.out) / name, "file", args.overwrite)
   rows = bench.run(
     args.quick,
     args.repeats,
@@ -458,8 +489,7 @@ def cmd_bench(args) -> int:
     progress=lambda line: console.print(line, highlight=False),
   )
   console.print(bench.markdown(rows), highlight=False)
-  if args.out:
-    console.print(f"wrote {args.out}/bench_ops.md, .json, .png")
+  console.print(f"wrote {args.out}/bench_ops.md, .json, .png")
   return 0
 
 
@@ -470,43 +500,105 @@ def cmd_recipes(args) -> int:
   return 0
 
 
-def cmd_export(args) -> int:
+def _check_export_inputs(args) -> None:
+  """Everything `export` reads, checked before the model is built."""
+  load_recipe(args.recipe)
   if args.model == "minilm":
     if args.checkpoint or args.config:
-      raise ValueError("--checkpoint and --config apply to --model decoder.")
+      raise UsageError("--checkpoint and --config apply to --model decoder.")
+    return
+  cfg = serving.parse_decoder_config(args.config)
+  if args.checkpoint:
+    expected = checks.model_shapes(Decoder(cfg), jnp.zeros((1, 8), jnp.int32))
+    model = f"decoder ({args.config or 'default config'})"
+    remedy = "Give --config the sizes it was made with, or save this decoder's params."
+    checks.check_checkpoint(args.checkpoint, model, expected, remedy=remedy)
+
+
+def _platform_here() -> str:
+  """This machine's platform as `jax.export` names it (``cpu``, ``cuda``, ``tpu``)."""
+  backend = jax.default_backend()
+  return "cuda" if backend == "gpu" else backend
+
+
+def _reload_check(target: serving.ServeFunction, folder: Path) -> str:
+  """Loads the artifact in `folder` and runs it here on the example against `target.fn`:
+  how it went, in words (raises if the artifact does not load or does not run)."""
+  served = export.load_exported(folder)
+  here = _platform_here()
+  if here not in served.platforms:
+    return f"reloaded; not run here ({here} is not among its platforms)"
+  got = np.asarray(served(*target.example))
+  want = np.asarray(target.fn(target.variables, *target.example))
+  return f"reloaded on {here}, max |diff| {float(np.max(np.abs(got - want))):.3g}"
+
+
+def cmd_export(args) -> int:
+  names = [p.strip() for p in args.platforms.split(",") if p.strip()]
+  platforms = export.check_platforms(names, "--platforms")
+  out = check_output(args.out, "dir", args.overwrite)
+  _check_export_inputs(args)
+  if args.model == "minilm":
     target = serving.minilm_serve(args.recipe)
   else:
     target = serving.decoder_serve(args.recipe, args.config, args.checkpoint, args.seed)
-  platforms = [p.strip() for p in args.platforms.split(",") if p.strip()]
   start = time.perf_counter()
-  out = export.export_serve(
-    args.out, target.fn, target.variables, target.inputs, platforms, target.metadata
+  exported = export.lower(target.fn, target.variables, target.inputs, platforms)
+  checked: list[str] = []  # the artifact is checked in its temporary folder, before it moves in
+  out = export.save_exported(
+    out,
+    exported,
+    target.variables,
+    target.metadata,
+    lambda f: checked.append(_reload_check(target, f)),
   )
   elapsed = time.perf_counter() - start
-  served = export.load_exported(out)  # check the artifact before reporting success
-  diff = float(
-    np.max(
-      np.abs(
-        np.asarray(served(*target.example))
-        - np.asarray(target.fn(target.variables, *target.example))
-      )
-    )
-  )
   sizes = ", ".join(
     f"{n} {(out / n).stat().st_size / 2**20:.2f} MiB" for n in (export.PROGRAM, export.PARAMS)
   )
   console.print(
     f"{args.model} ({target.metadata['recipe']}) exported for "
-    f"{', '.join(served.platforms)} in {elapsed:.1f} s -> {out}: {sizes}; params "
-    f"passed as an argument; reloaded on CPU, max |diff| {diff:.3g}",
+    f"{', '.join(exported.platforms)} in {elapsed:.1f} s -> {out}: {sizes}; params "
+    f"passed as an argument; {checked[0]}",
     highlight=False,
   )
   return 0
 
 
+class _Parser(argparse.ArgumentParser):
+  """argparse that tells a bad command line in one line, like every other user error."""
+
+  def error(self, message: str) -> NoReturn:
+    self.exit(2, f"error: {self.prog}: {message} (see `{self.prog} --help`)\n")
+
+
+def _common() -> _Parser:
+  """``--debug``, accepted before or after the subcommand."""
+  common = _Parser(add_help=False)
+  common.add_argument(
+    "--debug",
+    action="store_true",
+    default=argparse.SUPPRESS,
+    help="show the traceback of an error too",
+  )
+  return common
+
+
+def _overwrite_arg(p: argparse.ArgumentParser) -> None:
+  p.add_argument(
+    "--overwrite",
+    action="store_true",
+    help="replace an existing output (the files this command writes; others are kept)",
+  )
+
+
 def build_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(prog="jaxquant", description=__doc__.split("\n")[0])
+  common = _common()
+  parser = _Parser(prog="jaxquant", description=__doc__.split("\n")[0], parents=[common])
   sub = parser.add_subparsers(dest="command", required=True)
+
+  def add(name: str, **kwargs) -> argparse.ArgumentParser:
+    return sub.add_parser(name, parents=[common], **kwargs)
 
   def model_args(p):
     p.add_argument(
@@ -527,29 +619,29 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--all", action="store_true", help="list kept tensors in the table too")
 
-  q = sub.add_parser("quantize", help="quantize a checkpoint and report per-tensor error")
+  q = add("quantize", help="quantize a checkpoint and report per-tensor error")
   model_args(q)
   q.add_argument("--out", required=True, help="output folder (model.safetensors, report.json)")
+  _overwrite_arg(q)
   q.add_argument(
     "--calibration",
     help="your calibration text: an LLM reads it as running text, MiniLM one sentence a line "
     "(default: standard-library docstrings, disjoint from the evaluation text)",
   )
   q.set_defaults(func=cmd_quantize)
-  p = sub.add_parser("plan", help="dry run: what a recipe would quantize, bytes before/after")
+  p = add("plan", help="dry run: what a recipe would quantize, bytes before/after")
   model_args(p)
   p.set_defaults(func=cmd_plan)
-  e = sub.add_parser("embed", help="sentence embeddings with a quantized MiniLM")
+  e = add("embed", help="sentence embeddings with a quantized MiniLM")
   e.add_argument("--model", default="minilm")
   group = e.add_mutually_exclusive_group()
   group.add_argument("--recipe", default="fp32", help="recipe to quantize with (default fp32)")
   group.add_argument("--checkpoint", help="folder written by `jaxquant quantize`")
   e.add_argument("--sentences", required=True, help="text file, one sentence per line")
   e.add_argument("--out", required=True, help=".npy file for the [N, 384] embeddings")
+  _overwrite_arg(e)
   e.set_defaults(func=cmd_embed)
-  v = sub.add_parser(
-    "eval", help="MiniLM: embedding fidelity vs float32; LLMs: perplexity on held-out text"
-  )
+  v = add("eval", help="MiniLM: embedding fidelity vs float32; LLMs: perplexity on held-out text")
   v.add_argument("--model", default="minilm", help=f"'minilm' or {LLM_HELP}")
   v.add_argument(
     "--recipes", help=f"comma-separated (default minilm: {MINILM_RECIPES}; LLM: {LLM_RECIPES})"
@@ -562,8 +654,9 @@ def build_parser() -> argparse.ArgumentParser:
   v.add_argument("--max-windows", type=int, default=None, help="LLM: score at most this many")
   v.add_argument("--kv", default="float32", help="LLM KV cache: float32, int8 or both")
   v.add_argument("--json", help="also write the results here")
+  _overwrite_arg(v)
   v.set_defaults(func=cmd_eval)
-  g = sub.add_parser("generate", help="LLM text generation, prefill and decode tokens/s")
+  g = add("generate", help="LLM text generation, prefill and decode tokens/s")
   g.add_argument("--model", default="smollm2", help=LLM_HELP)
   group = g.add_mutually_exclusive_group()
   group.add_argument("--recipe", default="fp32", help="recipe to quantize with (default fp32)")
@@ -576,15 +669,16 @@ def build_parser() -> argparse.ArgumentParser:
   g.add_argument("--repeats", type=int, default=1, help="timed runs after the compiling one")
   g.add_argument("--calibration", help="calibration text for data-driven recipes")
   g.set_defaults(func=cmd_generate)
-  r = sub.add_parser("recipes", help="list the shipped recipes")
+  r = add("recipes", help="list the shipped recipes")
   r.set_defaults(func=cmd_recipes)
-  b = sub.add_parser("bench", help="speed of one layer per format and lowering (vs f32, Qwix)")
+  b = add("bench", help="speed of one layer per format and lowering (vs f32, Qwix)")
   b.add_argument("--quick", action="store_true", help="4096x4096 at M=1,16, 5 rounds")
   b.add_argument("--repeats", type=int, default=None, help="interleaved rounds (default 15)")
   b.add_argument("--no-qwix", action="store_true", help="skip Qwix even when installed")
   b.add_argument("--out", default="experiments/results", help="folder for bench_ops.{md,json,png}")
+  _overwrite_arg(b)
   b.set_defaults(func=cmd_bench)
-  x = sub.add_parser("export", help="jax.export a quantized serve function for cpu/cuda/tpu")
+  x = add("export", help="jax.export a quantized serve function for cpu/cuda/tpu")
   x.add_argument(
     "--model",
     choices=("minilm", "decoder"),
@@ -602,20 +696,39 @@ def build_parser() -> argparse.ArgumentParser:
     help="decoder: DecoderConfig fields, e.g. dim=512,layers=4,heads=8,mlp=2048",
   )
   x.add_argument("--seed", type=int, default=0)
-  x.add_argument("--platforms", default="cpu,cuda,tpu")
+  x.add_argument(
+    "--platforms",
+    default="cpu,cuda,tpu",
+    help=f"comma-separated: {', '.join(export.KNOWN_PLATFORMS)}",
+  )
   x.add_argument(
     "--out", required=True, help="output folder: serve.jaxexport, model.safetensors, export.json"
   )
+  _overwrite_arg(x)
   x.set_defaults(func=cmd_export)
   return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+  """Runs the command line: 0 done, 2 a user error (one line on stderr), 1 an internal error
+  (its traceback), 130 interrupted."""
   args = build_parser().parse_args(argv)
+  debug = getattr(args, "debug", False)
   try:
     return args.func(args)
-  except (ValueError, TypeError, FileNotFoundError) as e:
-    console.print(f"[red]error:[/] {e}")
+  except KeyboardInterrupt:
+    print("error: interrupted", file=sys.stderr)
+    return 130
+  except Exception as e:
+    message = checks.user_message(e)
+    if message is None or debug:
+      traceback.print_exc()
+    if message is None:
+      print(
+        "error: internal error in jaxquant (traceback above); please report it.", file=sys.stderr
+      )
+      return 1
+    print(f"error: {message}", file=sys.stderr)
     return 2
 
 

@@ -168,9 +168,9 @@ def write_sentences(path: str | os.PathLike, sentences: list[str]) -> Path:
   return path
 
 
-def read_sentences(path: str | os.PathLike) -> list[str]:
+def read_sentences(path: str | os.PathLike, what: str = "--sentences") -> list[str]:
   """The sentences `write_sentences` wrote, one a line."""
-  return Path(path).read_text(encoding="utf-8").splitlines()
+  return read_utf8(path, what).splitlines()
 
 
 # --------------------------------------------------------------------------- source bytes
@@ -266,12 +266,24 @@ def _joined(pool: tuple[str, ...], max_chars: int | None) -> str:
   return "\n".join(out)
 
 
-def read_text(path: str | os.PathLike, what: str = "--text") -> str:
-  """A user's UTF-8 text file, with a clear error when it is missing or empty."""
+def read_utf8(path: str | os.PathLike, what: str = "file") -> str:
+  """The text of a user's file; errors name it (`what`, the path) and say what to give."""
   path = Path(path)
+  if path.is_dir():
+    raise ValueError(f"{what} {path} is a folder; give a UTF-8 text file.")
   if not path.is_file():
     raise FileNotFoundError(f"{what} {path}: no such file (give a UTF-8 text file).")
-  text = path.read_text(encoding="utf-8")
+  try:
+    return path.read_text(encoding="utf-8")
+  except UnicodeDecodeError as e:
+    raise ValueError(
+      f"{what} {path} is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8."
+    ) from None
+
+
+def read_text(path: str | os.PathLike, what: str = "--text") -> str:
+  """A user's UTF-8 text file, with a clear error when it is missing, not UTF-8 or empty."""
+  text = read_utf8(path, what)
   if not text.strip():
     raise ValueError(f"{what} {path} is empty.")
   return text

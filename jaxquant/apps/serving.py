@@ -74,7 +74,17 @@ def parse_decoder_config(text: str):
         f"decoder config {item!r}: expected NAME=INT with NAME one of {', '.join(sorted(fields))}."
       )
     values[name] = int(value)
-  return DecoderConfig(**values)
+  cfg = DecoderConfig(**values)
+  zero = [f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name) < 1]
+  if zero:
+    raise ValueError(f"decoder config: {', '.join(zero)} must be at least 1.")
+  if cfg.dim % cfg.heads or cfg.head_dim % 2:
+    raise ValueError(
+      f"decoder config: dim={cfg.dim} must be heads={cfg.heads} times an even head size."
+    )
+  if cfg.vocab < 256:
+    raise ValueError(f"decoder config: vocab={cfg.vocab}; the decoder reads bytes (256 values).")
+  return cfg
 
 
 def decoder_serve(

@@ -126,8 +126,15 @@ def load_recipe(name_or_path: str) -> Recipe:
   path = Path(name_or_path)
   if path.suffix in (".yaml", ".yml"):
     if not path.is_file():
-      raise FileNotFoundError(f"Recipe file {path} does not exist.")
-    return parse_recipe(path.stem, path.read_text(), str(path))
+      problem = "is a folder" if path.is_dir() else "does not exist"
+      raise FileNotFoundError(f"Recipe file {path} {problem}; give a recipe .yaml file.")
+    try:
+      text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+      raise ValueError(
+        f"Recipe file {path} is not UTF-8 text ({e.reason} at byte {e.start})."
+      ) from None
+    return parse_recipe(path.stem, text, str(path))
   m = re.fullmatch(r"mixed:avg_bits=(\d+(?:\.\d+)?)", name_or_path)
   if m:
     bits = float(m.group(1))
@@ -156,7 +163,10 @@ _RULE_KEYS = {"pattern", "weight", "act", "expect_match", "batch_dims"}
 
 def parse_recipe(name: str, text: str, where: str) -> Recipe:
   """A recipe from its YAML text; errors name `where` and the entry at fault."""
-  data = yaml.safe_load(text)
+  try:
+    data = yaml.safe_load(text)
+  except yaml.YAMLError as e:
+    raise ValueError(f"{where}: not valid YAML ({_yaml_problem(e)}); fix the file.") from None
   if not isinstance(data, dict) or not isinstance(data.get("rules"), list):
     raise ValueError(f"{where}: a recipe is a mapping with a 'rules' list.")
   unknown = set(data) - {"description", "rules", "method", "options", "steps"}
@@ -191,6 +201,13 @@ def parse_recipe(name: str, text: str, where: str) -> Recipe:
     return Recipe(name, tuple(rules), str(data.get("description", "")), steps)
   except ValueError as e:
     raise ValueError(f"{where}: {e}") from None
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+  """``"expected ',' or '}' at line 3, column 1"``: a YAML error in one line."""
+  problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+  mark = getattr(error, "problem_mark", None)
+  return problem if mark is None else f"{problem} at line {mark.line + 1}, column {mark.column + 1}"
 
 
 def _parse_steps(data: dict, where: str) -> tuple[StepEntry, ...]:

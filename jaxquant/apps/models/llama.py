@@ -294,8 +294,21 @@ def load_gguf(
 
 
 @functools.lru_cache(maxsize=2)
+def gguf_file(path: str) -> GGUFFile:
+  """`read_gguf` of `path`, once a process: params, tokenizer and checks share it (parsing the
+  header, with its vocabulary, takes seconds)."""
+  return read_gguf(path)
+
+
+def gguf_config(path: str | os.PathLike | None = None) -> LlamaConfig:
+  """The `LlamaConfig` of a GGUF file (default: the packaged SmolLM2), from its header."""
+  file = gguf_file(str(path or smollm2_path()))
+  return LlamaConfig.from_gguf(file.metadata, file.tensors)
+
+
+@functools.lru_cache(maxsize=2)
 def _load_gguf(path: str, quantized: bool) -> tuple[LlamaConfig, dict]:
-  file = read_gguf(path)
+  file = gguf_file(path)
   cfg = LlamaConfig.from_gguf(file.metadata, file.tensors)
   flat: dict[str, Any] = {}
   for name, t in file.tensors.items():
@@ -409,7 +422,7 @@ def hf_config(cfg: LlamaConfig) -> dict:
 # --------------------------------------------------------------------------- tokenizer
 @functools.lru_cache(maxsize=2)
 def _cached_tokenizer(path: str) -> Tokenizer:
-  return gguf_tokenizer(read_gguf(path))
+  return gguf_tokenizer(gguf_file(path))
 
 
 # Pre-tokenizer regexes by GGUF ``tokenizer.ggml.pre`` (as llama.cpp names them).
