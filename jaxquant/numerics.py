@@ -10,6 +10,12 @@
 FP8 formats scale ``x / Δ`` into the dtype's finite range and cast (round to nearest even);
 NF4 stores the index of the nearest of 16 normal-quantile levels in ``[-1, 1]``, with
 ``Δ = absmax``; ``bf16`` is a plain cast.
+
+Every finite input gives finite output, up to the largest float32: a range wider than float32
+(``hi − lo`` of ±3.4e38) is split, ``x / Δ`` does not underflow for ``Δ`` past ``1 / tiny``,
+and grid points beyond the largest value of the tensor's dtype (an asymmetric grid reaches half
+a step past ``hi``) saturate there (`qarray.saturate`). A 16-bit scale that cannot hold the
+range is an error (`check_scale`), never a silent clip.
 """
 
 from __future__ import annotations
@@ -25,12 +31,15 @@ import ml_dtypes
 import numpy as np
 
 from jaxquant import calibration
-from jaxquant.qarray import QArray, codes, decode, dequantize, from_codes
+from jaxquant.qarray import QArray, codes, decode, dequantize, from_codes, saturate
 from jaxquant.spec import NF4_CODE, QuantSpec, SpecLike, as_spec, check_group_size
 
 __all__ = [
   "check_finite",
   "check_input",
+  "check_nonempty",
+  "check_scale",
+  "check_scale_range",
   "codes",
   "compute_scale",
   "dequantize",
@@ -42,11 +51,16 @@ __all__ = [
   "quantize",
   "quantize_along",
   "scale_from_range",
+  "scale_limit",
   "static_act_scale",
   "stored_scale",
 ]
 
 _TINY = float(np.finfo(np.float32).tiny)
+# Scales past 2**64 are divided by 2**64 (with the values) before `x / Δ`: XLA divides by a
+# broadcast divisor as a multiplication by its reciprocal, and ``1 / Δ`` is subnormal (flushed
+# to zero) for ``Δ > 1 / tiny ≈ 8.5e37``, e.g. the NF4 scale of a 1e38.
+_BIG_SCALE = 2.0**64
 _NF4_MIDPOINTS = (NF4_CODE[1:] + NF4_CODE[:-1]) / 2
 
 
@@ -75,6 +89,72 @@ def check_finite(x, path: str = "x") -> None:
       "over its whole scale group. Repair the tensor, or exclude this path with a rule "
       "whose weight spec is None."
     )
+
+
+def check_nonempty(x, path: str = "x") -> None:
+  """ValueError if `x` has no elements: there is no range to take a scale from."""
+  shape = tuple(np.shape(x))
+  if math.prod(shape) == 0:
+    raise ValueError(
+      f"{path}: cannot quantize an empty array (shape {shape}): it has no values to take a "
+      "scale from. Leave it as it is: quantize_params, fake_quant_params and plan keep "
+      "zero-size parameters unchanged."
+    )
+
+
+def scale_limit(spec: QuantSpec) -> float:
+  """The widest range the spec's stored scale covers: ``max |x|`` (symmetric) or
+  ``max x − min x`` (asymmetric) at the scale dtype's largest finite value ``Δmax``, i.e.
+  ``Δmax · qmax``, ``Δmax`` for NF4, ``Δmax · (qmax − qmin)`` with a zero point."""
+  info = spec.info
+  dmax = float(ml_dtypes.finfo(spec.scale_storage).max)
+  if not spec.symmetric:
+    return dmax * (info.qmax - info.qmin)
+  return dmax * (1.0 if info.kind == "codebook" else info.qmax)
+
+
+def _scale_error(x, spec: QuantSpec, path: str) -> ValueError:
+  """The error for a range that `spec`'s 16-bit scale cannot hold."""
+  amax = float(np.max(np.abs(np.asarray(jax.device_get(x), np.float32))))
+  dtype = spec.scale_storage
+  covers = "max |x|" if spec.symmetric else "max x − min x"
+  wider = ("bf16", "f32") if spec.scale_dtype == "f16" else ("f32",)
+  fixes = " or ".join(f"scale={d} ('{dataclasses.replace(spec, scale_dtype=d)}')" for d in wider)
+  return ValueError(
+    f"{path}: max |x| = {amax:.6g} does not fit {spec}: a {dtype.name} scale holds at most "
+    f"{float(ml_dtypes.finfo(dtype).max):.6g}, which covers {covers} <= "
+    f"{scale_limit(spec):.6g} per scale group, and a clipped scale would silently distort "
+    f"this tensor. Use {fixes}."
+  )
+
+
+def check_scale(scale, x, spec: QuantSpec, path: str = "x") -> None:
+  """ValueError if a concrete stored `scale` of finite `x` is not finite: the range did not fit
+  the spec's 16-bit scale dtype (`stored_scale` stores such a scale as inf). Skipped for traced
+  scales."""
+  if scale is None or spec.scale_dtype == "f32" or isinstance(scale, jax.core.Tracer):
+    return
+  if not np.all(np.isfinite(np.asarray(jax.device_get(scale), np.float32))):
+    raise _scale_error(x, spec, path)
+
+
+def check_scale_range(x, spec: QuantSpec, path: str = "x", batch_dims: int = 0) -> None:
+  """ValueError naming `path` if a concrete `x`'s range does not fit `spec`'s 16-bit scale,
+  before any quantization: ``max |x|`` against `scale_limit` first, and the scales themselves
+  only when that cannot tell (skipped for traced values and float32 scales)."""
+  if spec.scale_dtype == "f32" or spec.is_cast or isinstance(x, jax.core.Tracer):
+    return
+  arr = np.asarray(jax.device_get(x), np.float32)
+  if arr.size == 0:
+    return
+  amax = float(np.max(np.abs(arr)))
+  reach = amax if spec.symmetric else 2.0 * amax  # max x − min x <= 2 max |x|, 0 in range
+  if reach <= scale_limit(spec) * (1.0 - 2.0**-20):  # margin for the rounding of Δ
+    return
+  one = lambda xi: compute_scale(xi, spec)[0]
+  for _ in range(batch_dims):
+    one = jax.vmap(one)
+  check_scale(one(jnp.asarray(arr)), arr, spec, path)
 
 
 # --------------------------------------------------------------------------- step 1: range
@@ -115,14 +195,17 @@ def find_range(xv: jax.Array, axes: tuple[int, ...], spec: QuantSpec) -> calibra
 
 # --------------------------------------------------------------------------- step 2: scale
 def stored_scale(scale: jax.Array, spec: QuantSpec) -> jax.Array:
-  """`scale` as the spec's scale dtype holds it: clipped into the dtype's normal range, then
-  rounded **up**, so that the stored scale never clips the range it was computed from (a range
-  too small for the dtype gets its smallest normal scale: fewer levels, never a zero scale)."""
+  """`scale` as the spec's scale dtype holds it: raised to at least the dtype's smallest
+  normal, then rounded **up**, so that the stored scale never clips the range it was computed
+  from (a range too small for the dtype gets its smallest normal scale: fewer levels, never a
+  zero scale). A scale beyond the dtype's largest finite value (float16: 65504) becomes inf,
+  never a clipped finite one: `quantize` raises for it on concrete values (`check_scale`), and
+  under `jit` the group dequantizes to NaN, which `check_finite` and ``jax_debug_nans`` see."""
   dtype = spec.scale_storage
   if dtype == np.float32:
     return scale
   finfo = ml_dtypes.finfo(dtype)
-  scale = jnp.clip(scale, float(finfo.smallest_normal), float(finfo.max))
+  scale = jnp.maximum(scale, float(finfo.smallest_normal))
   nearest = scale.astype(dtype)
   up = jnp.nextafter(nearest, jnp.asarray(jnp.inf, dtype))
   return jnp.where(nearest.astype(jnp.float32) < scale, up, nearest)
@@ -142,15 +225,29 @@ def scale_from_range(
     # and eager and jitted results must agree to the bit.
     scale = amax * (1.0 if info.kind == "codebook" else 1.0 / info.qmax)
     return stored_scale(jnp.where(scale >= _TINY, scale, 1.0), spec), None
-  scale = (hi - lo) * (1.0 / (info.qmax - info.qmin))
+  scale = _span(lo, hi, 1.0 / (info.qmax - info.qmin))
   scale = stored_scale(jnp.where(scale >= _TINY, scale, 1.0), spec)
-  zero_point = jnp.clip(info.qmin - jnp.round(lo / scale.astype(jnp.float32)), info.qmin, info.qmax)
+  zero_point = jnp.clip(info.qmin - jnp.round(_divide(lo, scale)), info.qmin, info.qmax)
   return scale, zero_point.astype(info.storage)
+
+
+def _span(lo: jax.Array, hi: jax.Array, c: float) -> jax.Array:
+  """``(hi − lo) · c``, as ``hi · c − lo · c`` where ``hi − lo`` overflows float32."""
+  wide = hi - lo
+  return jnp.where(jnp.isfinite(wide), wide * c, hi * c - lo * c)
+
+
+def _divide(x: jax.Array, scale: jax.Array) -> jax.Array:
+  """``x / Δ`` in float32, also for ``Δ`` whose reciprocal is subnormal (see `_BIG_SCALE`)."""
+  scale = scale.astype(jnp.float32)
+  shrink = jnp.where(scale > _BIG_SCALE, 1.0 / _BIG_SCALE, 1.0)
+  return (x * shrink) / (scale * shrink)
 
 
 def compute_scale(x: jax.Array, spec: SpecLike) -> tuple[jax.Array, jax.Array | None]:
   """``(scale, zero_point)`` of `x` under `spec`, shaped like ``spec.scale_shape(x.shape)``."""
   spec = as_spec(spec)
+  check_nonempty(x)
   xv, axes = grouped_view(jnp.asarray(x, jnp.float32), spec)
   return scale_from_range(*find_range(xv, axes, spec), spec)
 
@@ -159,7 +256,7 @@ def compute_scale(x: jax.Array, spec: SpecLike) -> tuple[jax.Array, jax.Array | 
 def _encode(xv, scale, zero_point, spec: QuantSpec, noise=None):
   """Floats (grouped view) to stored codes."""
   info = spec.info
-  v = xv / scale.astype(jnp.float32)
+  v = _divide(xv, scale)
   if info.kind == "int":
     rounded = jnp.round(v) if noise is None else jnp.floor(v + noise)
     if zero_point is not None:
@@ -181,7 +278,7 @@ def _qdq_range(xv, lo, hi, spec: QuantSpec):
 def _in_range_mask(xv, scale, zero_point, spec: QuantSpec):
   """True where `xv` lies inside the representable range (the STE passes gradient there)."""
   info = spec.info
-  v = xv / scale.astype(jnp.float32)
+  v = _divide(xv, scale)
   if info.kind == "int":
     if zero_point is not None:
       v = v + zero_point.astype(jnp.float32)
@@ -234,15 +331,28 @@ def quantize(
     path: the parameter path named in error messages.
     batch_dims: leading axes of `x` that index a stack (of layers): every slice is quantized
       on its own, as ``jax.vmap`` would (`scale`, `zero_point` and `key` then carry them too).
+
+  Raises:
+    ValueError: naming `path`, for an empty `x`, NaN or Inf in a concrete `x`, or a concrete
+      range that the spec's 16-bit scale cannot hold (``float16`` tops out at 65504: ``max |x|``
+      of 65504 for NF4, 8.3e6 for int8; the message gives the limit and suggests ``scale=bf16``
+      or ``f32``). Under `jit` values are traced and nothing can raise: such a group's scale
+      is stored as inf and dequantizes to NaN, never to silently clipped finite values.
   """
   spec = as_spec(spec)
   check_input(x, path)
+  check_nonempty(x, path)
   x = jnp.asarray(x)
   check_finite(x, path)
+  q = _quantize(x, spec, key, scale, zero_point, pack, path, batch_dims)
+  check_scale(q.scale, x, spec, path)
+  return q
+
+
+def _quantize(x, spec: QuantSpec, key, scale, zero_point, pack: bool, path: str, batch_dims: int):
+  """`quantize` of a checked `x`."""
   if batch_dims:
-    one = lambda xi, ki, si, zi: quantize(
-      xi, spec, key=ki, scale=si, zero_point=zi, pack=pack, path=path, batch_dims=batch_dims - 1
-    )
+    one = lambda xi, ki, si, zi: _quantize(xi, spec, ki, si, zi, pack, path, batch_dims - 1)
     return jax.vmap(one)(x, _split_key(key, x.shape[0]), scale, zero_point)
   check_group_size(spec, x.shape, path)
   dtype = np.dtype(x.dtype)
@@ -312,10 +422,13 @@ def fake_quant(
   The gradient is the identity where `x` rounds onto the grid without clipping,
   ``(qmin - z - 1/2)Δ <= x <= (qmax - z + 1/2)Δ``, and zero where it is clipped; the scale is
   treated as a constant (``stop_gradient``). `batch_dims` leading axes are a stack whose slices
-  are quantized on their own (see `quantize`).
+  are quantized on their own (see `quantize`). An empty `x` is returned as it is; a concrete
+  range that a 16-bit scale cannot hold raises as in `quantize` (NaN under `jit`).
   """
   spec = as_spec(spec)
   check_input(x)
+  if math.prod(jnp.shape(x)) == 0:
+    return x
   if batch_dims:
     one = lambda xi, ki, si, zi: fake_quant(
       xi, spec, key=ki, scale=si, zero_point=zi, batch_dims=batch_dims - 1
@@ -325,8 +438,9 @@ def fake_quant(
     return _ste_cast(x, jnp.zeros((), spec.info.storage))
   xv, axes = grouped_view(jnp.asarray(x).astype(jnp.float32), spec)
   scale, zero_point = jax.lax.stop_gradient(_given_or_computed(xv, axes, spec, scale, zero_point))
+  check_scale(scale, x, spec)
   out = _ste_qdq(spec, xv, scale, zero_point, _noise(key, xv.shape, spec))
-  return out.reshape(x.shape).astype(x.dtype)
+  return saturate(out.reshape(x.shape), x.dtype)
 
 
 def quantization_error(x: jax.Array, q: QArray) -> dict[str, float]:
@@ -351,15 +465,18 @@ def quantize_float_zero(x: jax.Array, spec: SpecLike, *, pack: bool = True) -> Q
   if spec.info.kind != "int" or spec.symmetric:
     raise ValueError(f"quantize_float_zero needs an asymmetric integer spec, got {spec}.")
   check_input(x)
+  check_nonempty(x)
   xv, axes = grouped_view(jnp.asarray(x, jnp.float32), spec)
   lo, hi = jnp.min(xv, axes, keepdims=True), jnp.max(xv, axes, keepdims=True)
   info = spec.info
-  step = (hi - lo) * (1.0 / (info.qmax - info.qmin))
+  step = _span(lo, hi, 1.0 / (info.qmax - info.qmin))
   step = jnp.where(step >= _TINY, step, 1.0)
   finfo = jnp.finfo(spec.scale_storage)
-  scale = jnp.clip(step, float(finfo.smallest_normal), float(finfo.max)).astype(spec.scale_storage)
-  zero = (info.qmin - lo / scale.astype(jnp.float32)).astype(jnp.float32)
-  q = jnp.clip(jnp.round(xv / scale.astype(jnp.float32) + zero), *spec.int_range)
+  # no upper clip: a range beyond the scale dtype gives an inf scale, which `check_scale` reports
+  scale = jnp.maximum(step, float(finfo.smallest_normal)).astype(spec.scale_storage)
+  check_scale(scale, x, spec)
+  zero = (info.qmin - _divide(lo, scale)).astype(jnp.float32)
+  q = jnp.clip(jnp.round(_divide(xv, scale) + zero), *spec.int_range)
   q = q.astype(info.storage).reshape(jnp.shape(x))
   return from_codes(q, scale, zero, trailing_axes(spec, jnp.ndim(x)), jnp.asarray(x).dtype, pack)
 
@@ -398,7 +515,7 @@ def fake_quant_along(
   scale, zero_point = jax.lax.stop_gradient(
     _given_or_computed(xf, tuple(axes), spec, scale, zero_point)
   )
-  return _ste_qdq(spec, xf, scale, zero_point, None).astype(x.dtype)
+  return saturate(_ste_qdq(spec, xf, scale, zero_point, None), x.dtype)
 
 
 def static_act_scale(stats: dict, spec: SpecLike):

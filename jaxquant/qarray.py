@@ -250,14 +250,31 @@ def decode(codes: jax.Array, scale, zero_point, spec: QuantSpec) -> jax.Array:
   return levels * scale.astype(jnp.float32)
 
 
+def saturate(y: jax.Array, original, dtype=None) -> jax.Array:
+  """Float32 `y` clipped to the finite range of the `original` dtype, then cast to `dtype`
+  (default `original`).
+
+  A grid point can lie past the largest finite value of the tensor's own dtype: an asymmetric
+  grid reaches ``(qmax − z)·Δ``, up to half a step beyond ``hi`` (a float16 65504 would read
+  back as inf). Every value the tensor held lies within that range, so the clip only lowers
+  the error; NaN (from an inf 16-bit scale, see `numerics.stored_scale`) stays NaN.
+  """
+  dtype = original if dtype is None else dtype
+  if not jnp.issubdtype(original, jnp.floating):
+    return y.astype(dtype)
+  bound = min(float(jnp.finfo(original).max), float(jnp.finfo(jnp.float32).max))
+  return jnp.clip(y, -bound, bound).astype(dtype)
+
+
 def dequantize(q: QArray, dtype=None) -> jax.Array:
-  """``(values - zero_point) * scale`` in the logical shape, as `dtype` (default: original)."""
+  """``(values - zero_point) * scale`` in the logical shape, as `dtype` (default: original),
+  saturated at the original dtype's largest finite value (`saturate`)."""
   dtype = q.dtype if dtype is None else dtype
   if q.spec.is_cast:
     return q.values.astype(dtype)
   shape = q.shape
   c = codes(q).reshape(grouped_shape(shape, q.spec))
-  return decode(c, q.scale, q.zero_point, q.spec).reshape(shape).astype(dtype)
+  return saturate(decode(c, q.scale, q.zero_point, q.spec).reshape(shape), q.dtype, dtype)
 
 
 # --------------------------------------------------------------------------- export

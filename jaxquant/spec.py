@@ -15,7 +15,9 @@ recipes and the CLI::
     int8:channel@0:p99.9:stochastic
 
 GRANULARITY is ``tensor``, ``channel`` (default), ``token`` or ``gN``, optionally followed by
-``@AXIS``; CALIBRATION is ``absmax`` (default), ``minmax``, ``pN`` (percentile) or ``mse``.
+``@AXIS``; CALIBRATION is ``absmax`` (default), ``minmax``, ``pN`` (percentile N in (0, 100],
+any float form: ``p99.9``, ``p100``, ``p1e-07``) or ``mse``. ``str(spec)`` writes the shortest
+form that parses back to an equal spec.
 """
 
 from __future__ import annotations
@@ -268,7 +270,7 @@ class QuantSpec:
     kw: dict = {"format": fmt}
     for tok in rest:
       m_gran = re.fullmatch(r"(tensor|channel|token|g(\d+))(?:@(-?\d+))?", tok)
-      m_pct = re.fullmatch(r"p(\d+(?:\.\d+)?)", tok)
+      m_pct = re.fullmatch(_PERCENTILE, tok)
       if m_gran:
         _set_once(kw, "granularity", "group" if m_gran.group(2) else m_gran.group(1), text)
         if m_gran.group(2):
@@ -291,9 +293,9 @@ class QuantSpec:
     return cls(**kw)
 
   def __str__(self) -> str:
+    """The string form: ``QuantSpec.parse(str(spec)) == spec`` for every valid spec (a cast
+    prints the fields it ignores too, when they are not the defaults)."""
     parts = [self.format]
-    if self.is_cast:
-      return self.format
     gran = {"group": f"g{self.group_size}"}.get(self.granularity, self.granularity)
     if self.axis is not None:
       gran += f"@{self.axis}"
@@ -302,7 +304,7 @@ class QuantSpec:
     if self.symmetric != self.info.default_symmetric:
       parts.append("sym" if self.symmetric else "asym")
     if self.calibration == "percentile":
-      parts.append(f"p{self.percentile:g}")
+      parts.append(f"p{float_str(cast(float, self.percentile))}")
     elif self.calibration != "absmax":
       parts.append(self.calibration)
     if self.rounding != "nearest":
@@ -344,6 +346,17 @@ class QuantSpec:
     n_scales = math.prod(self.scale_shape(shape))
     scales = self.scale_storage.itemsize * n_scales
     return values + scales + (0 if self.symmetric else n_scales)
+
+
+# ``pN``: a float as `float_str` prints it (``p99.9``, ``p100``, ``p1e-07``, ``p.5``).
+_PERCENTILE = r"p((?:\d+\.?\d*|\.\d+)(?:e[+-]?\d+)?)"
+
+
+def float_str(x: float) -> str:
+  """`x` in few digits that parse back to exactly `x`: ``%g`` when that is exact (``99.9``,
+  ``100``), else the shortest repr (``99.99999``, ``1e-07``)."""
+  short = f"{x:g}"
+  return short if float(short) == x else repr(float(x))
 
 
 def _set_once(kw: dict, key: str, value, text: str) -> None:

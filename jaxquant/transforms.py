@@ -12,14 +12,14 @@ import math
 import warnings
 import zlib
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxquant.numerics import check_finite, dequantize, fake_quant, quantize
+from jaxquant.numerics import check_finite, check_scale_range, dequantize, fake_quant, quantize
 from jaxquant.qarray import QArray
 from jaxquant.rules import Rule, first_match
 from jaxquant.spec import QuantSpec, check_group_size
@@ -84,8 +84,9 @@ _NEVER_QUANTIZED = frozenset({"bias", "scale", "offset", "mean", "var"})
 
 def selection(path: str, value, rules: Sequence[Rule]) -> tuple[int | None, QuantSpec | None, str]:
   """``(rule index, spec to apply or None, note)`` for one leaf: the first matching rule's
-  weight spec, unless the leaf is already quantized, not floating, has fewer than two
-  dimensions (besides the rule's `batch_dims`), or is a bias or norm parameter."""
+  weight spec, unless the leaf is already quantized, not floating, empty (a zero-size axis: no
+  values to take a scale from), has fewer than two dimensions (besides the rule's
+  `batch_dims`), or is a bias or norm parameter."""
   idx = first_match(path, rules)
   spec = None if idx is None else rules[idx].weight
   if isinstance(value, QArray):
@@ -95,6 +96,8 @@ def selection(path: str, value, rules: Sequence[Rule]) -> tuple[int | None, Quan
   dtype = np.dtype(value.dtype)
   if not jnp.issubdtype(dtype, jnp.floating):
     return idx, None, f"kept ({dtype.name})"
+  if math.prod(np.shape(value)) == 0:
+    return idx, None, "kept (zero-size)"
   if np.ndim(value) - rules[idx].batch_dims < 2:
     return idx, None, "kept (<2 dims)"
   if path.rsplit("/", 1)[-1] in _NEVER_QUANTIZED:
@@ -282,8 +285,10 @@ def quantize_params(
 ) -> PyTree:
   """The same tree with a `QArray` for every leaf a rule quantizes.
 
-  Every matched tensor is checked first (group sizes, NaN/Inf), so a bad parameter raises a
-  ValueError naming its path before anything is quantized. Rules that matched nothing warn.
+  Every matched tensor is checked first (group sizes, NaN/Inf, a range too wide for a 16-bit
+  scale: `numerics.check_scale_range`), so a bad parameter raises a ValueError naming its path
+  before anything is quantized. Zero-size leaves are kept as they are (the plan notes them).
+  Rules that matched nothing warn.
 
   Args:
     params: Linen params dict, nested dicts/lists of arrays, or NNX `State`.
@@ -298,6 +303,8 @@ def quantize_params(
   todo = [r for r in p.quantized if not isinstance(leaves[r.path], QArray)]
   for r in todo:
     check_finite(leaves[r.path], r.path)
+    spec = cast(QuantSpec, r.spec)  # Plan.quantized: rows with a spec
+    check_scale_range(leaves[r.path], spec, r.path, r.batch_dims)
   p.warn_unused()
   done: dict[str, QArray] = {}
   for r in progress_bar(todo, "quantizing", progress):
@@ -318,7 +325,7 @@ def fake_quant_params(
   """Differentiable ``dequantize(quantize(w))`` of every leaf a rule quantizes (for QAT).
 
   Gradients pass straight through inside each tensor's range and are zero where it clips.
-  Jit-able: selection depends only on paths, shapes and dtypes.
+  Jit-able: selection depends only on paths, shapes and dtypes (zero-size leaves are kept).
   """
   rules = tuple(rules)
 
