@@ -31,7 +31,8 @@ import gguf
 import jax.numpy as jnp
 import numpy as np
 
-from jaxquant.qarray import QArray, from_codes
+from jaxquant.io import atomic_write
+from jaxquant.qarray import QArray, codes, from_codes
 from jaxquant.spec import QuantSpec
 
 BLOCK = 32
@@ -58,11 +59,14 @@ class GGUFTensor:
 
 @dataclasses.dataclass(frozen=True)
 class GGUFFile:
-  """A read GGUF file: `metadata` (key → Python value) and `tensors` by name, in file order."""
+  """A read GGUF file: `metadata` (key → Python value), its value `types` (key → GGUF value
+  type names, ``["ARRAY", "STRING"]`` for a list of strings) and `tensors` by name, in file
+  order."""
 
   path: Path
   metadata: dict[str, Any]
   tensors: dict[str, GGUFTensor]
+  types: dict[str, list[str]] = dataclasses.field(default_factory=dict)
 
   def __getitem__(self, name: str) -> GGUFTensor:
     if name not in self.tensors:
@@ -79,16 +83,17 @@ def read_gguf(path: str | os.PathLike) -> GGUFFile:
     reader = gguf.GGUFReader(path)
   except (ValueError, OSError) as e:  # bad magic, truncated header
     raise ValueError(f"{path} is not a readable GGUF file ({e}).") from None
-  metadata = {}
+  metadata, types = {}, {}
   for key, field in reader.fields.items():
     if key.startswith("GGUF."):
       continue
     metadata[key] = field.contents()
+    types[key] = [t.name for t in field.types]
   tensors = {}
   for t in reader.tensors:
     shape = tuple(int(d) for d in reversed(t.shape.tolist()))
     tensors[t.name] = GGUFTensor(t.name, t.tensor_type.name, shape, t.data)
-  return GGUFFile(path, metadata, tensors)
+  return GGUFFile(path, metadata, tensors, types)
 
 
 def to_float(t: GGUFTensor) -> np.ndarray:
@@ -130,7 +135,8 @@ def block_fields(t: GGUFTensor) -> tuple[np.ndarray, np.ndarray, np.ndarray | No
 def block_spec(t: GGUFTensor, axis: int) -> QuantSpec:
   """The spec that says `t`'s block format exactly, groups of 32 along `axis`."""
   fmt, symmetric = QUANT_SPECS[t.type]
-  return QuantSpec(fmt, "group", BLOCK, axis, symmetric, scale_dtype="f16")
+  default = axis == -2  # a group spec's default axis: say it the way a user writes it
+  return QuantSpec(fmt, "group", BLOCK, None if default else axis, symmetric, scale_dtype="f16")
 
 
 def to_qarray(t: GGUFTensor, layout: str = "flax", rows: np.ndarray | None = None) -> QArray:
@@ -170,3 +176,155 @@ def to_qarray(t: GGUFTensor, layout: str = "flax", rows: np.ndarray | None = Non
     spec,
     jnp.float32,
   )
+
+
+# --------------------------------------------------------------------------- writing
+#: The exact spec each exportable block type holds (groups of 32 along the input axis).
+EXPORT_SPECS = {
+  "Q8_0": "int8:g32:scale=f16",
+  "Q4_0": "int4:g32:scale=f16",
+  "Q4_1": "uint4:g32:asym:scale=f16",
+}
+
+
+class NotExportable(ValueError):
+  """A QArray no GGUF block type holds exactly (the message names the nearest spec)."""
+
+
+def _nearest(spec: QuantSpec) -> str:
+  if spec.info.bits == 8:
+    return "Q8_0 holds int8:g32:scale=f16"
+  if spec.symmetric:
+    return "Q4_0 holds int4:g32:scale=f16"
+  return "Q4_1 holds uint4:g32:asym:scale=f16 (float zero point: the recipe step rtn.float_zero)"
+
+
+def export_type(q: QArray, name: str = "x") -> str:
+  """The GGUF block type that holds the 2-D kernel `q` (``[in, out]``, groups along in) exactly:
+  ``Q8_0``, ``Q4_0`` or ``Q4_1``; raises `NotExportable` naming `name` and the nearest spec."""
+  spec = q.spec
+  shape = tuple(q.shape)
+  why = None
+  if len(shape) != 2:
+    why = f"a {len(shape)}-D tensor"
+  elif spec.granularity != "group" or spec.group_size != BLOCK:
+    why = f"{spec.granularity} scales (GGUF blocks are groups of {BLOCK})"
+  elif spec.resolved_axis(2) != 0:
+    why = "groups along the output axis (GGUF blocks run along the input axis)"
+  elif spec.format == "int8" and spec.symmetric:
+    kind = "Q8_0"
+  elif spec.format == "int4" and spec.symmetric:
+    kind = "Q4_0"
+  elif spec.format == "uint4" and not spec.symmetric:
+    kind = "Q4_1"
+  else:
+    why = f"format {spec.format}{'' if spec.symmetric else ' asymmetric'}"
+  if why is None:
+    scale = np.asarray(q.scale, np.float32)
+    if not np.array_equal(scale.astype(np.float16).astype(np.float32), scale):
+      why = "scales that float16 does not hold exactly"
+  if why is not None:
+    raise NotExportable(
+      f"{name}: spec {spec} has {why}, which no GGUF block type holds exactly. Nearest: "
+      f"{_nearest(spec)}; quantize with that, or export with requantize=True (it reports the "
+      "error it adds)."
+    )
+  return kind
+
+
+def _q4_1_minimums(name: str, d: np.ndarray, zero: np.ndarray) -> np.ndarray:
+  """Q4_1's f16 minimums ``m = −z·d``; raises unless f16 holds them to float32 rounding."""
+  m = -zero.astype(np.float64) * d.astype(np.float64)
+  m16 = m.astype(np.float16)
+  tol = 2.0**-20 * np.maximum(np.abs(m), 15 * np.abs(d.astype(np.float64)))
+  if not (np.abs(m16.astype(np.float64) - m) <= tol).all():
+    raise NotExportable(
+      f"{name}: its zero points give block minimums −z·scale that float16 does not hold, so Q4_1 "
+      "would shift the grid. Quantize with the recipe step rtn.float_zero (minimums in float16) "
+      "or export with requantize=True."
+    )
+  return m16
+
+
+def _pack_nibbles(q: np.ndarray) -> np.ndarray:
+  """``[rows, n]`` values 0..15 → ``[rows, n/32, 16]`` bytes: value j low nibble, j+16 high."""
+  b = q.astype(np.uint8).reshape(q.shape[0], -1, 2, BLOCK // 2)
+  return b[:, :, 0] | (b[:, :, 1] << 4)
+
+
+def block_bytes(
+  q: QArray, name: str = "x", rows: np.ndarray | None = None
+) -> tuple[str, np.ndarray]:
+  """``(type, raw)``: the 2-D kernel `q` ``[in, out]`` as GGUF blocks, ``raw`` uint8
+  ``[out, bytes per row]`` (ggml's matrix ``[out, in]``); `rows` reorders the output rows
+  first (``W[rows]``). The inverse of `to_qarray`; raises `NotExportable` when inexact."""
+  kind = export_type(q, name)
+  c = np.asarray(codes(q)).T  # [out, in]
+  d = np.asarray(q.scale, np.float32)[:, 0, :].T.astype(np.float16)  # [out, in / 32]
+  zero = None if q.zero_point is None else np.asarray(q.zero_point, np.float32)[:, 0, :].T
+  if rows is not None:
+    c, d, zero = c[rows], d[rows], None if zero is None else zero[rows]
+  out, nb = d.shape
+  head = [d.reshape(out, nb, 1).view(np.uint8)]
+  if kind == "Q8_0":
+    body = c.astype(np.int8).reshape(out, nb, BLOCK).view(np.uint8)
+  elif kind == "Q4_0":
+    body = _pack_nibbles(c.astype(np.int16) + 8)
+  else:
+    m = _q4_1_minimums(name, d, np.zeros_like(d, np.float32) if zero is None else zero)
+    head.append(m.reshape(out, nb, 1).view(np.uint8))
+    body = _pack_nibbles(c)
+  raw = np.concatenate([*head, body], axis=-1).reshape(out, -1)
+  return kind, np.ascontiguousarray(raw)
+
+
+def requantize_bytes(w: np.ndarray, kind: str) -> np.ndarray:
+  """A float matrix ``[out, in]`` quantized to GGUF `kind` by the `gguf` package (its reference
+  quantizers): raw uint8 ``[out, bytes per row]``."""
+  qtype = gguf.GGMLQuantizationType[kind]
+  return np.asarray(gguf.quants.quantize(np.ascontiguousarray(w, np.float32), qtype))
+
+
+@dataclasses.dataclass(frozen=True)
+class OutTensor:
+  """A tensor to write: GGUF `name`, ggml `type` (``F32``, ``F16``, ``Q8_0``, ...) and `data`:
+  a float array in its logical NumPy shape, or for block types raw uint8 ``[rows, bytes]``."""
+
+  name: str
+  type: str
+  data: np.ndarray
+
+
+def write_gguf(
+  path: str | os.PathLike,
+  arch: str,
+  metadata: dict[str, Any],
+  types: dict[str, list[str]],
+  tensors: list[OutTensor],
+) -> Path:
+  """Writes a GGUF file atomically: `metadata` (typed by `types`, as `read_gguf` returns them;
+  ``general.architecture`` comes from `arch`) and `tensors` in order."""
+  missing = [k for k in metadata if k not in types]
+  if missing:
+    raise ValueError(f"metadata {missing[0]!r} has no GGUF value type; give it in `types`.")
+
+  def write(tmp: str) -> None:
+    writer = gguf.GGUFWriter(tmp, arch)
+    for key, value in metadata.items():
+      if key == "general.architecture":
+        continue
+      vt = [gguf.GGUFValueType[t] for t in types[key]]
+      writer.add_key_value(key, value, vt[0], sub_type=vt[1] if len(vt) > 1 else None)
+    for t in tensors:
+      if t.type in FLOAT_TYPES:
+        dtype = np.float32 if t.type == "F32" else np.float16
+        writer.add_tensor(t.name, np.ascontiguousarray(t.data, dtype))
+      else:
+        qtype = gguf.GGMLQuantizationType[t.type]
+        writer.add_tensor(t.name, t.data, raw_shape=t.data.shape, raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+  return atomic_write(path, write)

@@ -40,9 +40,21 @@ from jaxquant.apps.models.cache import (
   init_cache,
   rotary,
 )
-from jaxquant.gguf_io import GGUFFile, read_gguf, to_float, to_qarray
+from jaxquant.gguf_io import (
+  GGUFFile,
+  GGUFTensor,
+  NotExportable,
+  OutTensor,
+  block_bytes,
+  read_gguf,
+  requantize_bytes,
+  to_float,
+  to_qarray,
+  write_gguf,
+)
 from jaxquant.interop import read_tensors, torch_to_flax
 from jaxquant.ptq.smooth import SmoothGroup
+from jaxquant.qarray import QArray, dequantize
 
 __all__ = ["Llama", "LlamaConfig", "init_cache", "load_gguf", "load_hf", "smollm2_path"]
 
@@ -335,6 +347,145 @@ def _nest(flat: Mapping[str, Any]) -> dict:
       node = node.setdefault(p, {})
     node[leaf] = value
   return tree
+
+
+# --------------------------------------------------------------------------- GGUF out
+_FLAX_TO_GGUF = {v: k for k, v in _GGUF_NAMES.items()}
+#: ``general.file_type`` (llama.cpp's ``LLAMA_FTYPE_*``) by the linear layers' block type.
+_FILE_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7}
+
+
+def gguf_name(path: str) -> str:
+  """``layers_3/self_attn/q_proj/kernel`` → ``blk.3.attn_q.weight`` (inverse of
+  `gguf_param_path`)."""
+  fixed = {
+    "embed_tokens/embedding": "token_embd.weight",
+    "norm/scale": "output_norm.weight",
+    "lm_head/kernel": "output.weight",
+  }
+  if path in fixed:
+    return fixed[path]
+  layer, *module, leaf = path.split("/")
+  name = _FLAX_TO_GGUF.get("/".join(module))
+  if not layer.startswith("layers_") or name is None:
+    raise ValueError(f"{path}: not a parameter of a Llama-family model.")
+  return f"blk.{layer.removeprefix('layers_')}.{name}.{'bias' if leaf == 'bias' else 'weight'}"
+
+
+def _nearest_kind(q: QArray) -> str:
+  if q.spec.info.bits == 8:
+    return "Q8_0"
+  return "Q4_0" if q.spec.symmetric else "Q4_1"
+
+
+def gguf_tensors(
+  cfg: LlamaConfig,
+  params: Mapping[str, Any],
+  *,
+  requantize: bool = False,
+  float_type: str = "F32",
+  table_type: str = "F32",
+) -> tuple[list[OutTensor], dict[str, float]]:
+  """The GGUF tensors of a (quantized) Llama tree, and the relative error each requantized leaf
+  gained (``‖Ŵ − W‖ / ‖W‖``, W its jaxquant dequantization).
+
+  QArray kernels become the block type that holds them exactly (`block_bytes`); Q and K rows go
+  back to llama.cpp's interleaved order (the inverse of `rope_rows`). Float matrices are written
+  as `float_type` (``F32`` or ``F16``), vectors as F32; a float token table as `table_type`
+  (``F32``, ``F16`` or a block type such as ``Q8_0``, what llama.cpp's own files use). A QArray
+  no block type holds is an error naming it, unless `requantize`: then the `gguf` package
+  quantizes its dequantized values to the nearest block type."""
+  if float_type not in ("F32", "F16"):
+    raise ValueError(f"float_type must be F32 or F16, got {float_type!r}.")
+  if table_type not in ("F32", "F16", "Q8_0", "Q4_0", "Q4_1"):
+    raise ValueError(f"table_type must be F32, F16, Q8_0, Q4_0 or Q4_1, got {table_type!r}.")
+  out, added = [], {}
+  for p, leaf in jax.tree_util.tree_leaves_with_path(
+    params, is_leaf=lambda x: isinstance(x, QArray)
+  ):
+    path = "/".join(str(k.key) for k in p)
+    name = gguf_name(path)
+    rows = None
+    if ".attn_q." in name or ".attn_k." in name:
+      heads = cfg.heads if ".attn_q." in name else cfg.kv_heads
+      rows = np.argsort(rope_rows(heads, cfg.head_dim))
+    kernel = path.endswith("kernel")
+    if isinstance(leaf, QArray):
+      if not kernel:
+        raise NotExportable(f"{path}: quantized tables are not exported; keep it in float.")
+      try:
+        kind, raw = block_bytes(leaf, path, rows)
+      except NotExportable:
+        if not requantize:
+          raise
+        w = np.asarray(dequantize(leaf, jnp.float32)).T
+        w = w if rows is None else w[rows]
+        kind = _nearest_kind(leaf)
+        raw = requantize_bytes(w, kind)
+        back = to_float(GGUFTensor(name, kind, w.shape, raw))
+        added[path] = float(np.linalg.norm(back - w)) / max(float(np.linalg.norm(w)), 1e-30)
+      out.append(OutTensor(name, kind, raw))
+      continue
+    w = np.asarray(leaf, np.float32)
+    w = w.T if kernel else w
+    w = w if rows is None else w[rows]
+    if name == "token_embd.weight" and table_type not in ("F32", "F16"):
+      raw = requantize_bytes(w, table_type)
+      back = to_float(GGUFTensor(name, table_type, w.shape, raw))
+      added[path] = float(np.linalg.norm(back - w)) / max(float(np.linalg.norm(w)), 1e-30)
+      out.append(OutTensor(name, table_type, raw))
+      continue
+    out.append(OutTensor(name, float_type if w.ndim == 2 else "F32", np.ascontiguousarray(w)))
+  return out, added
+
+
+def export_gguf(
+  path: str | os.PathLike,
+  cfg: LlamaConfig,
+  params: Mapping[str, Any],
+  source: GGUFFile | str | os.PathLike | None = None,
+  *,
+  requantize: bool = False,
+  float_type: str = "F32",
+  table_type: str = "F32",
+) -> tuple[Path, dict[str, float]]:
+  """Writes a Llama-family tree as a GGUF file llama.cpp loads: the metadata and tokenizer of
+  `source` (a GGUF file; default the packaged SmolLM2) with this model's shapes, and
+  `gguf_tensors`. Returns the file and the requantized leaves' added errors. Everything is
+  converted before the file is written (atomically)."""
+  src = source if isinstance(source, GGUFFile) else gguf_file(str(source or smollm2_path()))
+  have = LlamaConfig.from_gguf(src.metadata, src.tensors)
+  if (have.vocab, have.dim, have.heads, have.kv_heads) != (
+    cfg.vocab,
+    cfg.dim,
+    cfg.heads,
+    cfg.kv_heads,
+  ):
+    raise ValueError(
+      f"{src.path}: its tokenizer and shapes (vocab {have.vocab}, dim {have.dim}) are not this "
+      f"model's (vocab {cfg.vocab}, dim {cfg.dim}); give the GGUF file the model came from."
+    )
+  tensors, added = gguf_tensors(
+    cfg, params, requantize=requantize, float_type=float_type, table_type=table_type
+  )
+  arch = str(src.metadata["general.architecture"])
+  meta, types = dict(src.metadata), dict(src.types)
+  shape_keys = {
+    "block_count": (cfg.layers, "UINT32"),
+    "embedding_length": (cfg.dim, "UINT32"),
+    "feed_forward_length": (cfg.mlp, "UINT32"),
+    "attention.head_count": (cfg.heads, "UINT32"),
+    "attention.head_count_kv": (cfg.kv_heads, "UINT32"),
+    "rope.dimension_count": (cfg.head_dim, "UINT32"),
+    "rope.freq_base": (cfg.rope_theta, "FLOAT32"),
+    "attention.layer_norm_rms_epsilon": (cfg.norm_eps, "FLOAT32"),
+  }
+  for key, (value, kind) in shape_keys.items():
+    meta[f"{arch}.{key}"], types[f"{arch}.{key}"] = value, [kind]
+  linear = [t.type for t in tensors if t.name.startswith("blk.") and t.data.ndim == 2]
+  main = max(set(linear), key=linear.count) if linear else "F32"
+  meta["general.file_type"], types["general.file_type"] = _FILE_TYPES.get(main, 0), ["UINT32"]
+  return write_gguf(path, arch, meta, types, tensors), added
 
 
 # --------------------------------------------------------------------------- Hugging Face

@@ -1,0 +1,188 @@
+"""GGUF export: each QArray as the block type that holds it exactly, bit-exact round trips
+through the `gguf` package, clear errors for specs no block type holds, SmolLM2 written back."""
+
+import dataclasses
+import functools
+
+import gguf
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import jaxquant as jq
+from jaxquant import gguf_io
+from jaxquant.apps.models import llama
+
+Q = gguf.GGMLQuantizationType
+EXACT = {"Q8_0": "int8:g32:scale=f16", "Q4_0": "int4:g32:scale=f16"}
+
+
+def _leaves_equal(a: jq.QArray, b: jq.QArray) -> bool:
+  return (a.spec, a.shape) == (b.spec, b.shape) and all(
+    x.dtype == y.dtype and np.array_equal(np.asarray(x), np.asarray(y))
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
+  )
+
+
+def _tensor(kind: str, raw: np.ndarray, out: int, n: int) -> gguf_io.GGUFTensor:
+  return gguf_io.GGUFTensor("t", kind, (out, n), raw)
+
+
+@pytest.mark.parametrize("kind", list(EXACT))
+@settings(max_examples=10, deadline=None)
+@given(blocks=st.integers(1, 4), out=st.integers(1, 9), seed=st.integers(0, 2**16))
+def test_symmetric_blocks_round_trip_and_match_gguf_bit_for_bit(kind, blocks, out, seed):
+  n = 32 * blocks
+  w = np.random.default_rng(seed).standard_normal((n, out)).astype(np.float32) * 3
+  q = jq.quantize(w, EXACT[kind])  # a Flax kernel [in, out]
+  got, raw = gguf_io.block_bytes(q, "w")
+  assert got == kind and raw.shape == (out, blocks * (34 if kind == "Q8_0" else 18))
+  ggml = gguf.quants.dequantize(raw, Q[kind]).reshape(out, n)
+  np.testing.assert_array_equal(ggml, np.asarray(jq.dequantize(q)).T)  # bit for bit
+  assert _leaves_equal(gguf_io.to_qarray(_tensor(kind, raw, out, n)), q)
+
+
+@settings(max_examples=10, deadline=None)
+@given(
+  blocks=st.integers(1, 4),
+  out=st.integers(1, 9),
+  seed=st.integers(0, 2**16),
+  shift=st.floats(-3, 3),
+  constant=st.booleans(),
+)
+def test_q4_1_bytes_survive_gguf_to_jaxquant_to_gguf(blocks, out, seed, shift, constant):
+  n = 32 * blocks
+  w = np.random.default_rng(seed).normal(shift, 1.0, (out, n)).astype(np.float32)
+  if constant:  # a block of one value: d = 0 in ggml
+    w[0, :32] = shift
+  raw = gguf.quants.quantize(w, Q.Q4_1)
+  q = gguf_io.to_qarray(_tensor("Q4_1", raw, out, n))
+  kind, again = gguf_io.block_bytes(q, "w")
+  assert kind == "Q4_1"
+  ggml = gguf.quants.dequantize(again, Q.Q4_1).reshape(out, n)
+  ours = np.asarray(jq.dequantize(q)).T
+  # (q − z)·d against ggml's q·d + m: float32 rounding only
+  span = np.abs(w).max() + 1e-30
+  assert np.abs(ggml - ours).max() <= 4 * np.finfo(np.float32).eps * span
+  np.testing.assert_array_equal(
+    gguf.quants.dequantize(again, Q.Q4_1), gguf.quants.dequantize(raw, Q.Q4_1)
+  )
+  assert _leaves_equal(gguf_io.to_qarray(_tensor("Q4_1", again, out, n)), q)
+
+
+def test_rows_reorder_exactly():
+  w = np.random.default_rng(0).standard_normal((64, 8)).astype(np.float32)
+  q = jq.quantize(w, "int8:g32:scale=f16")
+  rows = np.array([3, 1, 0, 2, 7, 6, 5, 4])
+  _, raw = gguf_io.block_bytes(q, "w", rows)
+  ggml = gguf.quants.dequantize(raw, Q.Q8_0).reshape(8, 64)
+  np.testing.assert_array_equal(ggml, np.asarray(jq.dequantize(q)).T[rows])
+
+
+@pytest.mark.parametrize(
+  ("spec", "nearest"),
+  [
+    ("int8", "Q8_0 holds int8:g32:scale=f16"),
+    ("int4:g64", "Q4_0 holds int4:g32:scale=f16"),
+    ("int4:g32:asym:scale=f16", "Q4_1 holds uint4:g32:asym"),
+    ("nf4:g32", "Q4_0"),
+    ("int8:g32", "Q8_0"),  # float32 scales that float16 does not hold
+    ("int4:g32@-1:scale=f16", "Q4_0"),  # groups along the output axis
+  ],
+)
+def test_specs_no_block_type_holds_name_the_leaf_and_the_nearest(spec, nearest):
+  w = np.random.default_rng(1).standard_normal((64, 64)).astype(np.float32)
+  with pytest.raises(gguf_io.NotExportable, match=rf"^layers_0/mlp/up_proj/kernel: .*{nearest}"):
+    gguf_io.block_bytes(jq.quantize(w, spec), "layers_0/mlp/up_proj/kernel")
+
+
+def test_integer_zero_points_export_only_when_float16_holds_the_minimums():
+  w = np.random.default_rng(2).standard_normal((64, 16)).astype(np.float32)
+  q = jq.quantize(w, "uint4:g32:asym:scale=f16")
+  try:
+    gguf_io.block_bytes(q, "w")
+  except gguf_io.NotExportable as e:
+    assert "float16 does not hold" in str(e)
+  else:  # when it exports, it is exact
+    _, raw = gguf_io.block_bytes(q, "w")
+    ggml = gguf.quants.dequantize(raw, Q.Q4_1).reshape(16, 64)
+    np.testing.assert_allclose(ggml, np.asarray(jq.dequantize(q)).T, rtol=0, atol=1e-5)
+
+
+@functools.lru_cache(maxsize=1)
+def _smol_slice(layers: int = 2):
+  """The first `layers` blocks of the packaged SmolLM2, linear kernels as the file's QArrays."""
+  file = gguf_io.read_gguf(llama.smollm2_path())
+  cfg = llama.LlamaConfig.from_gguf(file.metadata, file.tensors)
+  keep = [n for n in file.tensors if not n.startswith("blk.") or int(n.split(".")[1]) < layers]
+  flat = {}
+  for name in keep:
+    t = file[name]
+    path = llama.gguf_param_path(name)
+    rows = None
+    if ".attn_q." in name or ".attn_k." in name:
+      rows = llama.rope_rows(cfg.heads if ".attn_q." in name else cfg.kv_heads, cfg.head_dim)
+    if path.endswith("kernel"):
+      flat[path] = gguf_io.to_qarray(t, "flax", rows)
+    else:
+      flat[path] = jnp.asarray(gguf_io.to_float(t))
+  tree: dict = {}
+  for path, v in flat.items():
+    *parents, leaf = path.split("/")
+    node = tree
+    for p in parents:
+      node = node.setdefault(p, {})
+    node[leaf] = v
+  return file, dataclasses.replace(cfg, layers=layers), tree, keep
+
+
+def test_smollm2_tensors_are_written_back_byte_for_byte():
+  file, cfg, params, keep = _smol_slice()
+  tensors, added = llama.gguf_tensors(cfg, params, table_type="Q8_0")
+  assert added == {"embed_tokens/embedding": 0.0}
+  by_name = {t.name: t for t in tensors}
+  assert sorted(by_name) == sorted(keep)
+  for name in keep:
+    src, out = file[name], by_name[name]
+    assert out.type == src.type, name
+    np.testing.assert_array_equal(
+      np.asarray(out.data).reshape(-1), np.asarray(src.data).reshape(-1)
+    )
+
+
+def test_an_exported_file_reads_back_with_its_metadata_and_tensors(tmp_path):
+  file, cfg, params, _ = _smol_slice()
+  q = dict(params)
+  # a jaxquant quantization of one layer's MLP, as a user's recipe would leave it
+  up = params["layers_0"]["mlp"]["up_proj"]["kernel"]
+  q["layers_0"] = {**params["layers_0"], "mlp": {**params["layers_0"]["mlp"]}}
+  q["layers_0"]["mlp"]["up_proj"] = {"kernel": jq.quantize(jq.dequantize(up), "int4:g32:scale=f16")}
+  path, added = llama.export_gguf(tmp_path / "m.gguf", cfg, q, file)
+  back = gguf_io.read_gguf(path)
+  assert back.metadata["llama.block_count"] == 2
+  assert back.metadata["tokenizer.ggml.tokens"] == file.metadata["tokenizer.ggml.tokens"]
+  assert back["blk.0.ffn_up.weight"].type == "Q4_0" and back["token_embd.weight"].type == "F32"
+  again = gguf_io.to_qarray(back["blk.0.ffn_up.weight"])
+  assert _leaves_equal(again, q["layers_0"]["mlp"]["up_proj"]["kernel"])
+  np.testing.assert_array_equal(
+    np.asarray(back["blk.1.attn_q.weight"].data), np.asarray(file["blk.1.attn_q.weight"].data)
+  )
+  assert not added and [p.name for p in tmp_path.iterdir()] == ["m.gguf"]
+
+
+def test_inexact_leaves_fail_before_writing_unless_requantized(tmp_path):
+  file, cfg, params, _ = _smol_slice()
+  q = dict(params)
+  down = jq.dequantize(params["layers_1"]["mlp"]["down_proj"]["kernel"])
+  q["layers_1"] = {**params["layers_1"], "mlp": {**params["layers_1"]["mlp"]}}
+  q["layers_1"]["mlp"]["down_proj"] = {"kernel": jq.quantize(down, "int4:g64:asym")}
+  with pytest.raises(gguf_io.NotExportable, match=r"layers_1/mlp/down_proj/kernel: .*Q4_1"):
+    llama.export_gguf(tmp_path / "m.gguf", cfg, q, file)
+  assert not list(tmp_path.iterdir())
+  path, added = llama.export_gguf(tmp_path / "m.gguf", cfg, q, file, requantize=True)
+  assert list(added) == ["layers_1/mlp/down_proj/kernel"]
+  assert 0 < added["layers_1/mlp/down_proj/kernel"] < 0.2
+  assert gguf_io.read_gguf(path)["blk.1.ffn_down.weight"].type == "Q4_1"
