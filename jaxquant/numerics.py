@@ -457,7 +457,8 @@ def quantize_float_zero(x: jax.Array, spec: SpecLike, *, pack: bool = True) -> Q
   """Min-max round to nearest with a *float* zero point (llama.cpp's Q4_1; HQQ's start).
 
   Per scale group ``lo, hi = min x, max x`` (zero need not lie inside), ``Δ = (hi − lo) /
-  (qmax − qmin)`` rounded to the nearest stored scale, ``z = qmin − lo / Δ`` kept in float32,
+  (qmax − qmin)`` rounded to the nearest stored scale (``lo`` first rounded to the scale dtype,
+  as Q4_1 stores its minimum in float16), ``z = qmin − lo / Δ`` kept in float32,
   codes ``clip(round(x / Δ + z))``: ``x ≈ (q − z)·Δ``. Unlike an integer zero point, ``z`` is
   not rounded, so the grid starts exactly at ``lo``. Needs an asymmetric integer spec.
   """
@@ -468,6 +469,10 @@ def quantize_float_zero(x: jax.Array, spec: SpecLike, *, pack: bool = True) -> Q
   check_nonempty(x)
   xv, axes = grouped_view(jnp.asarray(x, jnp.float32), spec)
   lo, hi = jnp.min(xv, axes, keepdims=True), jnp.max(xv, axes, keepdims=True)
+  # the grid's start ``lo`` is stored as the scales are (Q4_1 keeps it in float16), so the
+  # zero point says a minimum the scale dtype holds (``−z·Δ`` rounds back to it)
+  stored_lo = lo.astype(spec.scale_storage).astype(jnp.float32)
+  lo = jnp.where(jnp.isfinite(stored_lo), stored_lo, lo)  # beyond its range: kept as is
   info = spec.info
   step = _span(lo, hi, 1.0 / (info.qmax - info.qmin))
   step = jnp.where(step >= _TINY, step, 1.0)

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import jaxquant as jq
-from jaxquant import gguf_io
+from jaxquant import gguf_io, numerics
 from jaxquant.apps.models import llama
 
 Q = gguf.GGMLQuantizationType
@@ -186,3 +186,16 @@ def test_inexact_leaves_fail_before_writing_unless_requantized(tmp_path):
   assert list(added) == ["layers_1/mlp/down_proj/kernel"]
   assert 0 < added["layers_1/mlp/down_proj/kernel"] < 0.2
   assert gguf_io.read_gguf(path)["blk.1.ffn_down.weight"].type == "Q4_1"
+
+
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 2**16), shift=st.floats(-3, 3), out=st.integers(1, 9))
+def test_jaxquant_q4_1_round_trips_through_gguf_bit_for_bit(seed, shift, out):
+  w = np.random.default_rng(seed).normal(shift, 1.0, (64, out)).astype(np.float32)
+  q = numerics.quantize_float_zero(jnp.asarray(w), "uint4:g32:asym:scale=f16")
+  kind, raw = gguf_io.block_bytes(q, "w")
+  assert kind == "Q4_1"
+  assert _leaves_equal(gguf_io.to_qarray(_tensor(kind, raw, out, 64)), q)
+  ggml = gguf.quants.dequantize(raw, Q.Q4_1).reshape(out, 64)
+  span = np.abs(w).max() + 1e-30
+  assert np.abs(ggml - np.asarray(jq.dequantize(q)).T).max() <= 4 * np.finfo(np.float32).eps * span
