@@ -5,31 +5,19 @@ from __future__ import annotations
 
 import os
 import re
-from pathlib import Path
 
 import numpy as np
-import safetensors
 
-from jaxquant.io import SAFETENSORS_DTYPES, read_header
+from jaxquant.io import iter_safetensors
 
 # Conv/linear weight layouts: PyTorch stores [out, in, *kernel]; Flax [*kernel, in, out].
 _TORCH_TO_FLAX_AXES = {2: (1, 0), 3: (2, 1, 0), 4: (2, 3, 1, 0), 5: (2, 3, 4, 1, 0)}
 
 
 def read_tensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
-  """All tensors of a safetensors file as NumPy arrays (bf16 and FP8 included)."""
-  path = Path(path)
-  if not path.is_file():
-    raise FileNotFoundError(f"{path} does not exist.")
-  read_header(path)  # clear error for truncated or foreign files
-  try:
-    raw = safetensors.deserialize(path.read_bytes())
-  except safetensors.SafetensorError as e:
-    raise ValueError(f"{path} is truncated or corrupt ({e}).") from None
-  return {
-    name: np.frombuffer(bytes(t["data"]), SAFETENSORS_DTYPES[t["dtype"]]).reshape(t["shape"]).copy()
-    for name, t in raw
-  }
+  """All tensors of a safetensors file as NumPy arrays (bf16 and FP8 included), read one at a
+  time (`jaxquant.io.iter_safetensors`)."""
+  return dict(iter_safetensors(path))
 
 
 def torch_to_flax(name: str, value: np.ndarray) -> tuple[str, np.ndarray]:

@@ -21,7 +21,7 @@ import math
 import os
 import tempfile
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -432,6 +432,19 @@ def _read_tensor(f, path: Path, name: str, t: dict, start: int, want_crc: int | 
   if want_crc is not None and crc32(buf) != want_crc:
     raise _corrupt(path, f"tensor {name} does not match its checksum (changed on disk)")
   return buf.view(SAFETENSORS_DTYPES[t["dtype"]]).reshape(t["shape"])
+
+
+def iter_safetensors(path: str | os.PathLike) -> Iterator[tuple[str, np.ndarray]]:
+  """The tensors of any safetensors file, one at a time in file order (``(name, array)``; bf16
+  and FP8 included): memory holds one tensor, not the file. The header is checked first."""
+  path = Path(path)
+  if not path.is_file():
+    raise FileNotFoundError(f"{path} does not exist.")
+  index, start = _read_index(path)
+  names = sorted((t["data_offsets"][0], n) for n, t in index.items() if n != "__metadata__")
+  with open(path, "rb") as f:
+    for _, name in names:
+      yield name, _read_tensor(f, path, name, index[name], start, None)
 
 
 def load(path: str | os.PathLike, *, verify: bool = True):

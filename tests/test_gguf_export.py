@@ -1,19 +1,24 @@
 """GGUF export: each QArray as the block type that holds it exactly, bit-exact round trips
 through the `gguf` package, clear errors for specs no block type holds, SmolLM2 written back."""
 
+import contextlib
 import dataclasses
 import functools
+import io as io_module
+import json
 
 import gguf
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import safetensors.numpy
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import jaxquant as jq
 from jaxquant import gguf_io, numerics
+from jaxquant.apps.cli import main
 from jaxquant.apps.models import llama
 
 Q = gguf.GGMLQuantizationType
@@ -199,3 +204,77 @@ def test_jaxquant_q4_1_round_trips_through_gguf_bit_for_bit(seed, shift, out):
   ggml = gguf.quants.dequantize(raw, Q.Q4_1).reshape(out, 64)
   span = np.abs(w).max() + 1e-30
   assert np.abs(ggml - np.asarray(jq.dequantize(q)).T).max() <= 4 * np.finfo(np.float32).eps * span
+
+
+# --------------------------------------------------------------------------- HF in, convert
+TINY = llama.LlamaConfig(
+  vocab=300, dim=64, layers=2, heads=4, kv_heads=2, head_dim=16, mlp=128, tie_embeddings=False
+)
+
+
+def _tiny_hf(folder, shards: int = 1):
+  """A random tiny Llama written in Hugging Face layout and naming (sharded when shards > 1)."""
+  params = llama.Llama(TINY).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
+  tensors = llama.hf_tensors(TINY, params)
+  names = sorted(tensors)
+  folder.mkdir(parents=True, exist_ok=True)
+  (folder / "config.json").write_text(json.dumps(llama.hf_config(TINY)))
+  if shards == 1:
+    safetensors.numpy.save_file(tensors, folder / "model.safetensors")
+    return params
+  weight_map = {}
+  for i in range(shards):
+    file = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+    part = {n: tensors[n] for n in names[i::shards]}
+    safetensors.numpy.save_file(part, folder / file)
+    weight_map.update(dict.fromkeys(part, file))
+  index = {"metadata": {"total_size": 0}, "weight_map": weight_map}
+  (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+  return params
+
+
+def test_sharded_hugging_face_checkpoints_load_with_their_index(tmp_path):
+  params = _tiny_hf(tmp_path / "m", shards=3)
+  cfg, loaded = llama.load_hf(tmp_path / "m")
+  assert cfg == TINY and len(list((tmp_path / "m").glob("model-*.safetensors"))) == 3
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(loaded)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  (tmp_path / "m" / "model-00002-of-00003.safetensors").unlink()
+  with pytest.raises(FileNotFoundError, match=r"model-00002-of-00003\.safetensors.*every shard"):
+    llama.load_hf(tmp_path / "m")
+
+
+def _cli(*argv) -> tuple[int, str]:
+  err = io_module.StringIO()
+  with contextlib.redirect_stderr(err):
+    rc = main(list(argv))
+  return rc, err.getvalue()
+
+
+def test_convert_smollm2_to_a_checkpoint_and_back_to_the_same_gguf(tmp_path):
+  assert _cli("convert", "smollm2", str(tmp_path / "ckpt"))[0] == 0
+  assert (tmp_path / "ckpt" / "report.json").is_file()
+  out = tmp_path / "back.gguf"
+  assert _cli("convert", str(tmp_path / "ckpt"), str(out), "--table-type", "Q8_0")[0] == 0
+  src, back = gguf_io.read_gguf(llama.smollm2_path()), gguf_io.read_gguf(out)
+  assert src.metadata == back.metadata and list(src.tensors) == list(back.tensors)
+  for name, t in src.tensors.items():
+    assert back[name].type == t.type, name
+    np.testing.assert_array_equal(np.asarray(back[name].data), np.asarray(t.data))
+
+
+def test_convert_errors_are_one_line_and_write_nothing(tmp_path):
+  _tiny_hf(tmp_path / "hf")
+  rc, err = _cli("convert", str(tmp_path / "hf"), str(tmp_path / "m.gguf"))
+  assert rc == 2 and "--metadata-from" in err and len(err.strip().splitlines()) == 1
+  rc, err = _cli(
+    "convert", str(tmp_path / "hf"), str(tmp_path / "m.gguf"), "--metadata-from", "nope.gguf"
+  )
+  assert rc == 2 and "nope.gguf" in err
+  assert _cli("convert", str(tmp_path / "hf"), str(tmp_path / "ck"))[0] == 0  # HF in
+  loaded = jq.load(tmp_path / "ck")
+  assert loaded["layers_0"]["mlp"]["up_proj"]["kernel"].shape == (64, 128)
+  meta = str(llama.smollm2_path())
+  rc, err = _cli("convert", str(tmp_path / "ck"), str(tmp_path / "m.gguf"), "--metadata-from", meta)
+  assert rc == 2 and "vocab 300" in err and len(err.strip().splitlines()) == 1
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["ck", "hf"]

@@ -36,7 +36,7 @@ from rich.console import Console, JustifyMethod
 from rich.table import Table
 
 from jaxquant import export, interop, io, transforms
-from jaxquant.apps import bench, checks, data, evaluate, language, serving
+from jaxquant.apps import bench, checks, convert, data, evaluate, language, serving
 from jaxquant.apps.checks import UsageError, check_output
 from jaxquant.apps.models import llama, minilm
 from jaxquant.apps.models.cache import CacheKind
@@ -533,7 +533,49 @@ def _reload_check(target: serving.ServeFunction, folder: Path) -> str:
   return f"reloaded on {here}, max |diff| {float(np.max(np.abs(got - want))):.3g}"
 
 
+def cmd_convert(args) -> int:
+  kind = convert.destination_kind(args.dst)
+  as_file = kind == "gguf" or args.dst.endswith(".safetensors")
+  out = check_output(args.dst, "file" if as_file else "dir", args.overwrite, "DST")
+  if kind != "gguf" and (args.requantize or args.metadata_from):
+    raise UsageError("--requantize and --metadata-from apply to a .gguf destination.")
+  if args.metadata_from and not Path(args.metadata_from).is_file():
+    raise UsageError(f"--metadata-from {args.metadata_from}: no such GGUF file.")
+  start = time.perf_counter()
+  source = convert.read_source(args.src)
+  file, added = convert.convert(
+    source,
+    out,
+    metadata_from=args.metadata_from,
+    requantize=args.requantize,
+    float_type=args.float_type,
+    table_type=args.table_type,
+  )
+  for path, err in sorted(added.items()):
+    console.print(f"requantized {path}: relative error {err:.3%} added", highlight=False)
+  console.print(
+    f"{args.src} ({source.cfg.layers} layers, dim {source.cfg.dim}) -> {file}: "
+    f"{file.stat().st_size / 2**20:.1f} MiB in {time.perf_counter() - start:.1f} s",
+    highlight=False,
+  )
+  return 0
+
+
 def cmd_export(args) -> int:
+  if args.format == "gguf":
+    if not args.checkpoint:
+      raise UsageError("export --format gguf needs --checkpoint (a `jaxquant quantize` folder).")
+    return cmd_convert(
+      argparse.Namespace(
+        src=args.checkpoint,
+        dst=args.out,
+        overwrite=args.overwrite,
+        requantize=args.requantize,
+        metadata_from=None,
+        float_type="F32",
+        table_type=args.table_type,
+      )
+    )
   names = [p.strip() for p in args.platforms.split(",") if p.strip()]
   platforms = export.check_platforms(names, "--platforms")
   out = check_output(args.out, "dir", args.overwrite)
@@ -704,8 +746,38 @@ def build_parser() -> argparse.ArgumentParser:
   x.add_argument(
     "--out", required=True, help="output folder: serve.jaxexport, model.safetensors, export.json"
   )
+  x.add_argument(
+    "--format",
+    choices=("jax", "gguf"),
+    default="jax",
+    help="jax: a jax.export artifact; gguf: --checkpoint of an LLM as a llama.cpp file (--out)",
+  )
+  x.add_argument("--requantize", action="store_true", help="gguf: requantize inexact leaves")
+  x.add_argument("--table-type", default="F32", help="gguf: token table type (F32, F16, Q8_0)")
   _overwrite_arg(x)
   x.set_defaults(func=cmd_export)
+  c = add(
+    "convert",
+    help="convert an LLM between GGUF, Hugging Face and jaxquant checkpoints",
+    description=convert.__doc__,
+  )
+  c.add_argument("src", help="smollm2, a .gguf file, a Hugging Face folder or a checkpoint folder")
+  c.add_argument("dst", help="a .gguf file, or a jaxquant checkpoint (folder or .safetensors)")
+  c.add_argument(
+    "--requantize",
+    action="store_true",
+    help="gguf: quantize leaves no GGUF type holds to the nearest one (reports the added error)",
+  )
+  c.add_argument("--metadata-from", help="gguf: the GGUF file whose tokenizer/metadata to carry")
+  c.add_argument("--float-type", choices=("F32", "F16"), default="F32", help="gguf: float matrices")
+  c.add_argument(
+    "--table-type",
+    choices=("F32", "F16", "Q8_0", "Q4_0", "Q4_1"),
+    default="F32",
+    help="gguf: the token table (llama.cpp's own files use Q8_0)",
+  )
+  _overwrite_arg(c)
+  c.set_defaults(func=cmd_convert)
   return parser
 
 

@@ -52,7 +52,8 @@ from jaxquant.gguf_io import (
   to_qarray,
   write_gguf,
 )
-from jaxquant.interop import read_tensors, torch_to_flax
+from jaxquant.interop import torch_to_flax
+from jaxquant.io import iter_safetensors
 from jaxquant.ptq.smooth import SmoothGroup
 from jaxquant.qarray import QArray, dequantize
 
@@ -490,19 +491,18 @@ def export_gguf(
 
 # --------------------------------------------------------------------------- Hugging Face
 def load_hf(path: str | os.PathLike) -> tuple[LlamaConfig, dict]:
-  """``(cfg, params)`` from a Hugging Face folder (``config.json`` + ``*.safetensors``, PyTorch
-  ``[out, in]`` weights named ``model.layers.N...``) of a Llama, SmolLM or Qwen2 model."""
+  """``(cfg, params)`` from a Hugging Face folder (``config.json`` + ``*.safetensors``, one file
+  or shards listed by ``model.safetensors.index.json``; PyTorch ``[out, in]`` weights named
+  ``model.layers.N...``) of a Llama, SmolLM or Qwen2 model, read one tensor at a time."""
   folder = Path(path)
   config_file = folder / "config.json"
   if not config_file.is_file():
     raise FileNotFoundError(f"{folder} has no config.json (a Hugging Face model folder).")
   cfg = LlamaConfig.from_hf(json.loads(config_file.read_text()))
-  files = sorted(folder.glob("*.safetensors"))
-  if not files:
-    raise FileNotFoundError(f"{folder} has no *.safetensors weights.")
+  files = hf_weight_files(folder)
   flat: dict[str, Any] = {}
   for f in files:
-    for name, value in read_tensors(f).items():
+    for name, value in iter_safetensors(f):
       name = name.removeprefix("model.")
       if name == "lm_head.weight" and cfg.tie_embeddings:
         continue
@@ -516,11 +516,33 @@ def load_hf(path: str | os.PathLike) -> tuple[LlamaConfig, dict]:
   return cfg, params
 
 
+def hf_weight_files(folder: Path) -> list[Path]:
+  """The safetensors files of a Hugging Face folder: those its ``model.safetensors.index.json``
+  maps (sharded ``model-0000x-of-0000y``), checked to exist, else every ``*.safetensors``."""
+  index = folder / "model.safetensors.index.json"
+  if index.is_file():
+    try:
+      weight_map = json.loads(index.read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+      raise ValueError(f"{index}: not a safetensors index ({type(e).__name__}: {e}).") from None
+    files = [folder / f for f in sorted(set(weight_map.values()))]
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+      raise FileNotFoundError(
+        f"{index} maps tensors to {missing[0]}, which is not in {folder}; download every shard."
+      )
+    return files
+  files = sorted(folder.glob("*.safetensors"))
+  if not files:
+    raise FileNotFoundError(f"{folder} has no *.safetensors weights.")
+  return files
+
+
 def check_params(params: dict, expected: Any, where: str) -> None:
-  """Raises naming every missing, unexpected or misshapen parameter path."""
-  got = {
-    "/".join(str(k.key) for k in p): v.shape for p, v in jax.tree_util.tree_leaves_with_path(params)
-  }
+  """Raises naming every missing, unexpected or misshapen parameter path (QArrays by their
+  logical shape)."""
+  flat = jax.tree_util.tree_leaves_with_path(params, is_leaf=lambda x: isinstance(x, QArray))
+  got = {"/".join(str(k.key) for k in p): v.shape for p, v in flat}
   want = {
     "/".join(str(k.key) for k in p): v.shape
     for p, v in jax.tree_util.tree_leaves_with_path(expected)
