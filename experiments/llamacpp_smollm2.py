@@ -24,7 +24,10 @@ jaxquant's `evaluation_text()`, produced by the repository's venv in a subproces
 
     /work/llamacpp-venv/bin/python experiments/llamacpp_smollm2.py \
       [--gguf PATH] [--text FILE] [--windows-of 512] [--max-windows 0] [--threads 2] \
-      [--types f32,q8_0,q4_0,q4_k_m] [--out experiments/results/llamacpp_smollm2.json]
+      [--types f32,q8_0,q4_0,q4_k_m] [--files label=PATH,...]
+      [--out experiments/results/llamacpp_smollm2.json]
+
+``--files`` measures GGUF files made elsewhere (e.g. by ``jaxquant convert``) as they are.
 """
 
 from __future__ import annotations
@@ -256,6 +259,11 @@ def main(argv: list[str] | None = None) -> None:
   p.add_argument("--max-windows", type=int, default=0, help="score at most K windows (0: all)")
   p.add_argument("--threads", type=int, default=2)
   p.add_argument("--types", default="f32,q8_0,q4_0,q4_k_m", help="llama.cpp types to make")
+  p.add_argument(
+    "--files",
+    default="",
+    help="measure these GGUF files as they are instead (label=PATH,...; no quantizing)",
+  )
   p.add_argument("--out", type=Path, default=REPO / "experiments/results/llamacpp_smollm2.json")
   args = p.parse_args(argv)
 
@@ -269,15 +277,22 @@ def main(argv: list[str] | None = None) -> None:
   print(f"source {src} ({src.stat().st_size / 2**20:.1f} MiB), text {len(text)} chars", flush=True)
 
   rows, quantize_s = [], {}
+  files = [f.split("=", 1) for f in args.files.split(",") if f.strip()]
+  for label, path in files:
+    rows.append(measure(Path(path), label, text, args))
+    print(f"  {label}: ppl {rows[-1]['ppl']:.3f}", flush=True)
   with tempfile.TemporaryDirectory(prefix="llamacpp_smollm2_") as tmp:
+    if files:
+      types = []
     for t in types:
       dst = Path(tmp) / f"SmolLM2-135M-Instruct.{t.upper()}.gguf"
       quantize_s[t] = quantize(src, dst, t, args.threads)
       rows.append(measure(dst, t, text, args) | {"quantize_s": quantize_s[t]})
       print(f"  {t}: ppl {rows[-1]['ppl']:.3f}", flush=True)
       dst.unlink()
-    rows.append(measure(src, FILE_ROW, text, args))
-    print(f"  {FILE_ROW}: ppl {rows[-1]['ppl']:.3f}", flush=True)
+    if not files:
+      rows.append(measure(src, FILE_ROW, text, args))
+      print(f"  {FILE_ROW}: ppl {rows[-1]['ppl']:.3f}", flush=True)
 
   streams = {(r["n_tokens"], tuple(r["first_ids"])) for r in rows}
   if len(streams) != 1:
