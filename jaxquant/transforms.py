@@ -276,6 +276,18 @@ def _leaf_key(key: jax.Array | None, path: str) -> jax.Array | None:
   return None if key is None else jax.random.fold_in(key, zlib.crc32(path.encode()) & 0x7FFFFFFF)
 
 
+def check_quantizable(leaves: dict[str, Any], p: Plan) -> list[PlanRow]:
+  """The rows of `p` still to quantize (leaves not yet QArrays), after checking each leaf is
+  finite and within its spec's scale range: a `ValueError` naming the first bad path, before
+  any work (`quantize_params` and the PTQ recipes both call it)."""
+  todo = [r for r in p.quantized if not isinstance(leaves[r.path], QArray)]
+  for r in todo:
+    check_finite(leaves[r.path], r.path)
+    spec = cast(QuantSpec, r.spec)  # Plan.quantized: rows with a spec
+    check_scale_range(leaves[r.path], spec, r.path, r.batch_dims)
+  return todo
+
+
 def quantize_params(
   params: PyTree,
   rules: Sequence[Rule] | Plan,
@@ -300,11 +312,7 @@ def quantize_params(
   p = rules if isinstance(rules, Plan) else plan(params, rules)
   p.check()
   leaves = dict(named_leaves(params))
-  todo = [r for r in p.quantized if not isinstance(leaves[r.path], QArray)]
-  for r in todo:
-    check_finite(leaves[r.path], r.path)
-    spec = cast(QuantSpec, r.spec)  # Plan.quantized: rows with a spec
-    check_scale_range(leaves[r.path], spec, r.path, r.batch_dims)
+  todo = check_quantizable(leaves, p)
   p.warn_unused()
   done: dict[str, QArray] = {}
   for r in progress_bar(todo, "quantizing", progress):

@@ -385,3 +385,13 @@ def test_plan_and_the_transforms_keep_zero_size_leaves():
   assert not np.array_equal(
     np.asarray(fq["dense"]["kernel"]), np.asarray(params["dense"]["kernel"])
   )
+
+
+def test_ptq_recipes_check_scale_ranges_before_any_work():
+  """PTQ recipes (HQQ here) store float16 scales too: the same up-front error naming the leaf
+  as quantize_params, before the step runs."""
+  params = {"dense": {"kernel": jnp.full((64, 64), 3e6, jnp.float32).at[0, 0].set(-3e6)}}
+  rules = (jq.Rule(".*", weight="int4:g32:asym:scale=f16"),)
+  recipe = jq.Recipe("hqq-f16", rules, "test", (("hqq", {}),))
+  with pytest.raises(ValueError, match=r"dense/kernel.*scale=(bf16|f32)"):
+    jq.apply_recipe(recipe, params)

@@ -273,11 +273,15 @@ def apply_recipe(
     )
   p = plan if plan is not None else transforms.plan(params, recipe.rules)
   p.check()
+  leaves = dict(transforms.named_leaves(params))
+  transforms.check_quantizable(leaves, p)  # non-finite or out-of-range weights fail first
   info: dict[str, Any] = {}
   for selector in selectors:
     rules, info[selector.name] = selector(params, p, data, quantizer)
     p = transforms.plan(params, rules)
     p.check()
+  if selectors:  # the specs they chose, checked before any quantizing
+    transforms.check_quantizable(leaves, p)
   result = run(params, p, smoothers, quantizer, data, progress)
   info.update(result.info)
   return Quantized(result.qparams, p.rules, p, result.reference, info)
