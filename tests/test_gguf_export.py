@@ -278,3 +278,13 @@ def test_convert_errors_are_one_line_and_write_nothing(tmp_path):
   rc, err = _cli("convert", str(tmp_path / "ck"), str(tmp_path / "m.gguf"), "--metadata-from", meta)
   assert rc == 2 and "vocab 300" in err and len(err.strip().splitlines()) == 1
   assert sorted(p.name for p in tmp_path.iterdir()) == ["ck", "hf"]
+
+
+@pytest.mark.parametrize(("recipe", "kind"), [("q8_0", "Q8_0"), ("q4_0", "Q4_0"), ("q4_1", "Q4_1")])
+def test_the_gguf_recipes_quantize_to_what_their_block_type_holds(recipe, kind):
+  w = np.random.default_rng(3).normal(0.2, 1.0, (96, 16)).astype(np.float32)
+  got = jq.apply_recipe(jq.load_recipe(recipe), {"mlp": {"kernel": jnp.asarray(w)}})
+  q = got.qparams["mlp"]["kernel"]
+  assert gguf_io.block_bytes(q, "mlp/kernel")[0] == kind
+  if kind == "Q4_1":  # the recipe's rtn.float_zero step, not an integer zero point
+    assert q.zero_point.dtype == jnp.float32

@@ -201,7 +201,7 @@ def _data_free(params: PyTree, plan: Plan, quantizer: Any, progress) -> Result:
   """Every eligible kernel by `quantizer` alone (no statistics), the rest by the plan."""
   leaves = dict(named_leaves(params))
   done = {}
-  if not isinstance(quantizer, RTN):
+  if not (isinstance(quantizer, RTN) and not quantizer.float_zero):  # plain RTN: the plan's own
     for r in plan.quantized:
       if r.batch_dims == 0 and quantizer.eligible(r.spec, r.shape):
         done[r.path], _ = quantizer(leaves[r.path], None, r.spec)
