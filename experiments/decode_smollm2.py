@@ -29,6 +29,11 @@ def main() -> None:
   parser.add_argument("--caches", default="float32,int8")
   parser.add_argument("--steps", type=int, default=64)
   parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument(
+    "--llamacpp",
+    default=str(RESULTS / "llamacpp_smollm2.json"),
+    help="llama.cpp results to put beside (experiments/llamacpp_smollm2.py --out)",
+  )
   args = parser.parse_args()
   rows = []
   for name in [n.strip() for n in args.recipes.split(",") if n.strip()]:
@@ -55,7 +60,7 @@ def main() -> None:
       f"{r['decode_tps']:.1f} | {r['decode_tps'] / base['decode_tps']:.2f}× | "
       f"{r['linear_bytes'] / 2**20:.1f} | {r['text'][:32]!r} |"
     )
-  llamacpp = RESULTS / "llamacpp_smollm2.json"
+  llamacpp = Path(args.llamacpp)
   if llamacpp.is_file():
     for r in json.loads(llamacpp.read_text())["rows"]:
       if r.get("decode_tok_s"):
