@@ -81,8 +81,10 @@ def read_gguf(path: str | os.PathLike) -> GGUFFile:
     raise FileNotFoundError(f"{path}: no such GGUF file.")
   try:
     reader = gguf.GGUFReader(path)
-  except (ValueError, OSError) as e:  # bad magic, truncated header
-    raise ValueError(f"{path} is not a readable GGUF file ({e}).") from None
+  except Exception as e:  # bad magic, a truncated header or tensor table: gguf raises anything
+    raise ValueError(
+      f"{path} is not a readable GGUF file or is truncated ({type(e).__name__}: {e})."
+    ) from None
   metadata, types = {}, {}
   for key, field in reader.fields.items():
     if key.startswith("GGUF."):

@@ -33,6 +33,11 @@ def torch_to_flax(name: str, value: np.ndarray) -> tuple[str, np.ndarray]:
       leaf = "scale"
     elif "embed" in parts[-2].lower():
       leaf = "embedding"
+    elif value.ndim not in _TORCH_TO_FLAX_AXES:
+      raise ValueError(
+        f"{name}: a {value.ndim}-D weight has no Flax layout (PyTorch Linear/Conv weights are "
+        f"{min(_TORCH_TO_FLAX_AXES)}- to {max(_TORCH_TO_FLAX_AXES)}-D); load it with layout='flax'."
+      )
     else:
       leaf, value = "kernel", np.transpose(value, _TORCH_TO_FLAX_AXES[value.ndim])
   return "/".join(parts[:-1] + [leaf]), np.ascontiguousarray(value)

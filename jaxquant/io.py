@@ -82,7 +82,13 @@ def _encode_key(key) -> list:
   if isinstance(key, jax.tree_util.SequenceKey):
     return ["seq", key.idx]
   if isinstance(key, jax.tree_util.DictKey):
-    return ["dict", key.key if isinstance(key.key, int) else str(key.key)]
+    k = key.key
+    if isinstance(k, bool) or not isinstance(k, (str, int)):
+      raise TypeError(
+        f"dict key {k!r} ({type(k).__name__}): checkpoint keys must be str or int to load back "
+        "as the same tree; rename it before saving."
+      )
+    return ["dict", k]
   if isinstance(key, jax.tree_util.GetAttrKey):
     return ["dict", key.name]
   return ["dict", str(getattr(key, "key", key))]
@@ -106,7 +112,7 @@ def _as_numpy(x, path: str) -> np.ndarray:
       f"{path}: cannot store a {what} in a checkpoint; leaves must be numeric arrays or "
       "QArrays. Remove it from the tree (or convert it) before saving."
     )
-  return np.ascontiguousarray(arr)
+  return arr if arr.flags.c_contiguous else arr.copy(order="C")  # keeps 0-d arrays 0-d
 
 
 def _safetensors_name(dtype: np.dtype) -> str:
@@ -411,6 +417,8 @@ def _check_tensor_table(path: Path, header: dict, index: dict) -> None:
     raise _corrupt(path, f"tensor {odd} is in one of the two headers only")
   for name, want in table.items():
     got = index[name]
+    if not (isinstance(want, dict) and type(want.get("crc32")) is int):
+      raise _corrupt(path, f"tensor {name} has no CRC-32 in the jaxquant header")
     if not isinstance(want, dict) or [got["dtype"], got["shape"]] != [
       want.get("dtype"),
       want.get("shape"),
@@ -449,7 +457,9 @@ def iter_safetensors(path: str | os.PathLike) -> Iterator[tuple[str, np.ndarray]
 
 def load(path: str | os.PathLike, *, verify: bool = True):
   """Reads a checkpoint written by `save`: nested dicts (lists where saved) of jax arrays and
-  QArrays. NNX users restore a model with ``nnx.replace_by_pure_dict(state, load(path))``.
+  QArrays (64-bit leaves as NumPy arrays unless ``jax_enable_x64``, so no value is cut to 32
+  bits). NNX users restore a model with ``nnx.replace_by_pure_dict(state, load(path))``. Keys
+  are str or int; tuples come back as lists, and ``None`` or empty containers are not stored.
 
   The header is validated against the stored tensors before anything is returned; with
   `verify` (default) every tensor's CRC-32 is checked too (``verify=False``: a trusted, faster
@@ -464,8 +474,12 @@ def load(path: str | os.PathLike, *, verify: bool = True):
   if not isinstance(entries, list):
     raise _corrupt(path, "the jaxquant header lists no leaves")
   checked = [_checked_entry(path, e, index) for e in entries]
+  used = {_stored_name(e, c) for e in checked for c in (e.get("children") or [None])}
+  stray = sorted(set(index) - used - {"__metadata__"})
+  if stray:
+    raise _corrupt(path, f"tensor {stray[0]} belongs to no leaf of the header")
   table = header.get("tensors", {})
-  leaves = []
+  leaves: list[tuple[list, Any]] = []
   with open(path, "rb") as f:
 
     def read(name: str) -> np.ndarray:
@@ -478,6 +492,10 @@ def load(path: str | os.PathLike, *, verify: bool = True):
     return _unflatten(leaves)
   except (TypeError, KeyError, IndexError) as e:
     raise _corrupt(path, f"the leaves' tree paths conflict ({e})") from None
+
+
+def _stored_name(entry: dict, child: str | None) -> str:
+  return entry["name"] if entry["kind"] == "array" else f"{entry['name']}#{child}"
 
 
 def _checked_entry(path: Path, entry, index: dict) -> dict:
@@ -507,7 +525,8 @@ def _checked_entry(path: Path, entry, index: dict) -> dict:
         raise ValueError("the header lists no stored codes (values)")
       needed = [f"{name}#{c}" for c in children]
       QuantSpec.parse(entry["spec"])
-      np.dtype(entry["dtype"])
+      if np.dtype(entry["dtype"]).kind != "f":
+        raise ValueError(f"dtype {entry['dtype']!r} is not a floating dtype")
       if not isinstance(entry["packed"], bool):
         raise ValueError("'packed' is not a bool")
       if not all(type(i) is int and i >= 0 for i in entry["shape"]):
@@ -526,10 +545,15 @@ def _finite(a: np.ndarray) -> bool:
   return a.dtype.kind != "f" or bool(np.isfinite(a.astype(np.float32)).all())
 
 
-def _leaf(path: Path, entry: dict, read: Callable[[str], np.ndarray]) -> jax.Array | QArray:
+def _leaf(
+  path: Path, entry: dict, read: Callable[[str], np.ndarray]
+) -> jax.Array | np.ndarray | QArray:
   name = entry["name"]
   if entry["kind"] == "array":
-    return jnp.asarray(read(name))
+    value = read(name)
+    if value.dtype.itemsize == 8 and not jax.config.read("jax_enable_x64"):
+      return value.copy()  # NumPy keeps 64-bit values exactly; jax would cut them to 32 bits
+    return jnp.asarray(value)
   children = {c: read(f"{name}#{c}") for c in entry["children"]}
   for c in ("scale", "zero_point"):
     v = children.get(c)

@@ -343,6 +343,11 @@ def quantize(
   check_input(x, path)
   check_nonempty(x, path)
   x = jnp.asarray(x)
+  if not 0 <= batch_dims < max(x.ndim, 1):
+    raise ValueError(
+      f"{path}: batch_dims={batch_dims} must be in [0, {max(x.ndim - 1, 0)}] for a "
+      f"{x.ndim}-D array of shape {tuple(x.shape)} (the leading stacked axes; 0 for none)."
+    )
   check_finite(x, path)
   q = _quantize(x, spec, key, scale, zero_point, pack, path, batch_dims)
   check_scale(q.scale, x, spec, path)

@@ -229,7 +229,13 @@ def human_bytes(n: float) -> str:
 
 def plan(params: PyTree, rules: Sequence[Rule]) -> Plan:
   """Dry run of `quantize_params`: per leaf, the spec it would get and its bytes before/after."""
-  rules = tuple(rules)
+  if not isinstance(rules, (str, Rule)):
+    rules = tuple(rules)
+  if isinstance(rules, (str, Rule)) or not all(isinstance(r, Rule) for r in rules):
+    raise TypeError(
+      f"rules must be a list of jaxquant.Rule, got {str(rules)[:80]}; e.g. "
+      "[jq.Rule('.*', weight='int8')] or jq.default_rules('int8')."
+    )
   rows, used = [], set()
   for path, value in named_leaves(params):
     idx, spec, note = selection(path, value, rules)

@@ -395,3 +395,13 @@ def test_ptq_recipes_check_scale_ranges_before_any_work():
   recipe = jq.Recipe("hqq-f16", rules, "test", (("hqq", {}),))
   with pytest.raises(ValueError, match=r"dense/kernel.*scale=(bf16|f32)"):
     jq.apply_recipe(recipe, params)
+
+
+def test_bad_batch_dims_and_rules_are_clear_errors():
+  with pytest.raises(ValueError, match=r"batch_dims=3 must be in \[0, 1\]"):
+    jq.quantize(jnp.ones((4, 6)), "int8", batch_dims=3)
+  with pytest.raises(ValueError, match="batch_dims=-1"):
+    jq.quantize(jnp.ones((4, 6)), "int8", batch_dims=-1)
+  for rules in ("int8", jq.Rule(".*", weight="int8"), [1, 2]):
+    with pytest.raises(TypeError, match=r"rules must be a list of jaxquant\.Rule"):
+      jq.quantize_params({"a": jnp.ones((4, 4))}, rules)

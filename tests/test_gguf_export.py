@@ -288,3 +288,29 @@ def test_the_gguf_recipes_quantize_to_what_their_block_type_holds(recipe, kind):
   assert gguf_io.block_bytes(q, "mlp/kernel")[0] == kind
   if kind == "Q4_1":  # the recipe's rtn.float_zero step, not an integer zero point
     assert q.zero_point.dtype == jnp.float32
+
+
+def test_cli_inputs_found_by_fuzzing_are_one_line_errors(tmp_path):
+  cut = tmp_path / "cut.gguf"
+  cut.write_bytes(llama.smollm2_path().read_bytes()[:200_000])
+  (tmp_path / "r").mkdir()
+  (tmp_path / "r" / "report.json").write_text("[]")
+  ck = tmp_path / "ck.safetensors"
+  jq.save(ck, {"dense": {"kernel": jq.quantize(jnp.ones((8, 8)), "int8")}})
+  (tmp_path / "other").mkdir()
+  (tmp_path / "other" / "report.json").write_text("{}")
+  weight = tmp_path / "w.safetensors"
+  safetensors.numpy.save_file({"fc.weight": np.zeros((1,) * 6, np.float32)}, weight)
+  cases = [
+    (["convert", str(cut), str(tmp_path / "o.gguf")], "truncated"),
+    (["convert", str(tmp_path / "r"), str(tmp_path / "o.gguf")], "not a report"),
+    (["export", "--format", "gguf", "--checkpoint", str(tmp_path / "r"), "--out", "x"], "*.gguf"),
+    (["quantize", "--model", str(ck), "--recipe", "w8", "--out", str(tmp_path / "q")], "already"),
+    (["convert", "smollm2", str(tmp_path / "other" / "x.safetensors")], "report.json"),
+    (["plan", "--model", str(weight), "--layout", "torch", "--recipe", "w8"], "6-D weight"),
+  ]
+  for argv, message in cases:
+    rc, err = _cli(*argv)
+    assert rc == 2 and message in err and len(err.strip().splitlines()) == 1, (argv, err)
+  assert (tmp_path / "other" / "report.json").read_text() == "{}"
+  assert not (tmp_path / "q").exists() and not (tmp_path / "o.gguf").exists()

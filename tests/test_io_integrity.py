@@ -316,3 +316,42 @@ def test_load_peak_memory_stays_near_the_file_size(tmp_path):
   out = subprocess.run(_script(probe), capture_output=True, text=True, timeout=300, check=True)
   grown = int(out.stdout.split()[-1])
   assert grown <= 1.3 * size, f"load grew RSS by {grown / size:.2f}x the file"
+
+
+def test_64_bit_and_0_d_leaves_come_back_exactly(tmp_path):
+  tree = {
+    "i": np.array([2**40, -1]),
+    "u": np.array([2**63], np.uint64),
+    "f": np.array([0.1, 1e300]),
+    "scalar": jnp.float32(3),
+    "q": jq.quantize(jnp.float32(2.5), "int8"),
+  }
+  got = jq.load(jq.save(tmp_path / "x.safetensors", tree))
+  for k in ("i", "u", "f"):
+    assert got[k].dtype == tree[k].dtype and np.array_equal(got[k], tree[k]), k
+  assert got["scalar"].shape == () and got["q"].shape == ()
+  assert float(jq.dequantize(got["q"])) == float(jq.dequantize(tree["q"]))
+
+
+def test_keys_that_would_not_load_back_are_refused_before_writing(tmp_path):
+  for tree in ({1.5: jnp.ones(2)}, {True: jnp.ones(2)}, {"a": {None: jnp.ones(2)}}):
+    with pytest.raises(TypeError, match="keys must be str or int"):
+      jq.save(tmp_path / "k.safetensors", tree)
+  assert not list(tmp_path.iterdir())
+
+
+def test_resealed_headers_with_missing_checksums_stray_tensors_or_odd_dtypes(tmp_path, saved):
+  raw, _ = saved
+  path = tmp_path / "e.safetensors"
+  cases = [
+    (lambda h: h["tensors"]["step"].pop("crc32"), "no CRC-32"),
+    (lambda h: h["tensors"]["step"].update(crc32=None), "no CRC-32"),
+    (lambda h: h["leaves"].pop(), "belongs to no leaf"),
+    (lambda h: h["leaves"][0].update(dtype="int32"), "not a floating dtype"),
+    (lambda h: h["leaves"][0].update(dtype="object"), "not a floating dtype"),
+  ]
+  for mutate, message in cases:
+    index, body = _split(raw)
+    path.write_bytes(_join(_resealed(index, mutate), body))
+    with pytest.raises(ValueError, match=message):
+      jq.load(path)

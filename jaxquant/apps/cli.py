@@ -82,6 +82,12 @@ def load_model_params(model: str, layout: str | None) -> tuple[dict, str]:
     raise FileNotFoundError(
       f"--model {model!r} is not 'minilm', {LLM_HELP}, or an existing .safetensors file."
     )
+  meta = (io.read_header(path).get("__metadata__") or {}).get(io.FORMAT_NAME)
+  if meta is not None:
+    raise UsageError(
+      f"--model {model}: already a jaxquant checkpoint (quantized leaves); quantize the float "
+      "model it came from, or convert it with `jaxquant convert`."
+    )
   return interop.load_safetensors_params(path, layout or "flax"), str(path)
 
 
@@ -537,6 +543,8 @@ def cmd_convert(args) -> int:
   kind = convert.destination_kind(args.dst)
   as_file = kind == "gguf" or args.dst.endswith(".safetensors")
   out = check_output(args.dst, "file" if as_file else "dir", args.overwrite, "DST")
+  if args.dst.endswith(".safetensors"):  # its report.json goes beside it
+    check_output(Path(args.dst).parent / "report.json", "file", args.overwrite, "DST's report")
   if kind != "gguf" and (args.requantize or args.metadata_from):
     raise UsageError("--requantize and --metadata-from apply to a .gguf destination.")
   if args.metadata_from and not Path(args.metadata_from).is_file():
@@ -565,6 +573,8 @@ def cmd_export(args) -> int:
   if args.format == "gguf":
     if not args.checkpoint:
       raise UsageError("export --format gguf needs --checkpoint (a `jaxquant quantize` folder).")
+    if not args.out.lower().endswith(".gguf"):
+      raise UsageError(f"--out {args.out}: export --format gguf writes one file; name it *.gguf.")
     return cmd_convert(
       argparse.Namespace(
         src=args.checkpoint,

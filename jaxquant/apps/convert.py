@@ -55,7 +55,12 @@ def read_source(src: str) -> Source:
     return Source(cfg, params, src, None, "fp32")
   report_file = path / "report.json"
   if report_file.is_file():
-    report = json.loads(report_file.read_text())
+    try:
+      report = json.loads(report_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+      raise ValueError(f"{report_file}: not JSON ({e}); re-make it with quantize.") from None
+    if not isinstance(report, dict):
+      raise ValueError(f"{report_file}: not a report (a JSON object); re-make it with quantize.")
     model = str(report.get("model", ""))
     if not (
       model == "smollm2" or model.endswith(".gguf") or (Path(model) / "config.json").is_file()
@@ -86,7 +91,7 @@ def read_source(src: str) -> Source:
 
 def destination_kind(dst: str) -> str:
   """``"gguf"`` for ``*.gguf``, else ``"jaxquant"`` (a folder or a ``.safetensors`` file)."""
-  return "gguf" if dst.endswith(".gguf") else "jaxquant"
+  return "gguf" if dst.lower().endswith(".gguf") else "jaxquant"
 
 
 def exact_rules(params: dict) -> list[dict[str, Any]]:
