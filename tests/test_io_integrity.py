@@ -85,7 +85,7 @@ def _load_or_error(path):
 
 
 @settings(
-  max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+  max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(data=st.data())
 def test_random_flips_and_truncations_never_load_a_different_tree(tmp_path, saved, data):

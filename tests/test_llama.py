@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import safetensors.numpy
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from jaxquant import gguf_io
@@ -57,6 +57,7 @@ def _raw_tensor(w: np.ndarray, qtype) -> gguf_io.GGUFTensor:
 
 # --------------------------------------------------------------------------- reader
 @pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_0, Q.Q4_1])
+@settings(max_examples=6)
 @given(
   rows=st.integers(1, 4),
   blocks=st.integers(1, 3),
@@ -181,7 +182,10 @@ def test_the_gguf_codes_serve_directly_as_qarrays():
   np.testing.assert_allclose(served, float_out, rtol=1e-3, atol=2e-2)
 
 
-@pytest.mark.parametrize("name", ["w8", "w4g64-gptq"])
+@pytest.mark.parametrize(
+  "name",
+  ["w8", pytest.param("w4g64-gptq", marks=pytest.mark.slow)],  # GPTQ: test_chain, 30 s
+)
 def test_a_quantized_two_layer_slice_stays_close_to_float(name):
   cfg, params = smol_slice()
   tok = tokenizer()

@@ -20,6 +20,7 @@ def params():
   return minilm.load_params()
 
 
+@pytest.mark.slow  # 90 s: GPTQ on MiniLM through the CLI; the library path is tested in test_ptq
 def test_gptq_checkpoint_round_trip_through_the_cli(tmp_path, monkeypatch):
   monkeypatch.setattr(evaluate, "PTQ_CALIBRATION_SENTENCES", 128)  # quicker than 1024
   out = tmp_path / "gptq"
