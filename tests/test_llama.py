@@ -253,6 +253,7 @@ def test_perplexity_is_exp_of_the_mean_next_token_nll():
 
 
 # --------------------------------------------------------------------------- command line
+@pytest.mark.slow  # 35 s: README command 1 runs exactly this
 def test_cli_quantizes_smollm2_and_generates_paris_from_the_checkpoint(tmp_path, capsys):
   out = tmp_path / "smol-w8"
   assert main(["quantize", "--model", "smollm2", "--recipe", "w8", "--out", str(out)]) == 0
