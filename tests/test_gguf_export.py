@@ -121,27 +121,9 @@ def test_integer_zero_points_export_only_when_float16_holds_the_minimums():
 def _smol_slice(layers: int = 2):
   """The first `layers` blocks of the packaged SmolLM2, linear kernels as the file's QArrays."""
   file = gguf_io.read_gguf(llama.smollm2_path())
-  cfg = llama.LlamaConfig.from_gguf(file.metadata, file.tensors)
+  cfg = dataclasses.replace(llama.LlamaConfig.from_gguf(file.metadata, file.tensors), layers=layers)
   keep = [n for n in file.tensors if not n.startswith("blk.") or int(n.split(".")[1]) < layers]
-  flat = {}
-  for name in keep:
-    t = file[name]
-    path = llama.gguf_param_path(name)
-    rows = None
-    if ".attn_q." in name or ".attn_k." in name:
-      rows = llama.rope_rows(cfg.heads if ".attn_q." in name else cfg.kv_heads, cfg.head_dim)
-    if path.endswith("kernel"):
-      flat[path] = gguf_io.to_qarray(t, "flax", rows)
-    else:
-      flat[path] = jnp.asarray(gguf_io.to_float(t))
-  tree: dict = {}
-  for path, v in flat.items():
-    *parents, leaf = path.split("/")
-    node = tree
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[leaf] = v
-  return file, dataclasses.replace(cfg, layers=layers), tree, keep
+  return file, cfg, llama.gguf_params(file, cfg, quantized=True, layers=layers), keep
 
 
 def test_smollm2_tensors_are_written_back_byte_for_byte():

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 
 from jaxquant import io
 from jaxquant.apps.models import llama
@@ -78,10 +77,7 @@ def read_source(src: str) -> Source:
         None,
       )
     params = io.load(path)
-    expected = jax.eval_shape(
-      lambda: llama.Llama(cfg).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
-    )
-    llama.check_params(params, expected, src)
+    llama.check_params(params, llama.param_shapes(cfg), src)
     return Source(cfg, params, model, gguf, str(report.get("recipe", "checkpoint")))
   raise FileNotFoundError(
     f"{src}: not smollm2, a .gguf file, a Hugging Face folder (config.json) or a jaxquant "

@@ -323,12 +323,29 @@ def gguf_config(path: str | os.PathLike | None = None) -> LlamaConfig:
 def _load_gguf(path: str, quantized: bool) -> tuple[LlamaConfig, dict]:
   file = gguf_file(path)
   cfg = LlamaConfig.from_gguf(file.metadata, file.tensors)
+  return cfg, gguf_params(file, cfg, quantized=quantized)
+
+
+def gguf_rows(cfg: LlamaConfig, name: str) -> np.ndarray | None:
+  """The row order that restores Hugging Face's layout of GGUF tensor `name` (`rope_rows` for
+  the Q and K projections, else None)."""
+  if ".attn_q." not in name and ".attn_k." not in name:
+    return None
+  return rope_rows(cfg.heads if ".attn_q." in name else cfg.kv_heads, cfg.head_dim)
+
+
+def gguf_params(
+  file: GGUFFile, cfg: LlamaConfig, *, quantized: bool = False, layers: int | None = None
+) -> dict:
+  """The Flax params of a read GGUF `file` (the first `layers` blocks when given): every tensor
+  as float32, or with `quantized` the Q8_0/Q4_0/Q4_1 kernels as the file's `QArray`s; Q and K
+  rows in Hugging Face's order."""
   flat: dict[str, Any] = {}
   for name, t in file.tensors.items():
+    if layers is not None and name.startswith("blk.") and int(name.split(".")[1]) >= layers:
+      continue
     target = gguf_param_path(name)
-    rows = None
-    if ".attn_q." in name or ".attn_k." in name:
-      rows = rope_rows(cfg.heads if ".attn_q." in name else cfg.kv_heads, cfg.head_dim)
+    rows = gguf_rows(cfg, name)
     if quantized and target.endswith("kernel") and t.type in ("Q8_0", "Q4_0", "Q4_1"):
       flat[target] = to_qarray(t, "flax", rows)
       continue
@@ -336,7 +353,13 @@ def _load_gguf(path: str, quantized: bool) -> tuple[LlamaConfig, dict]:
     if rows is not None:
       w = w[rows]
     flat[target] = jnp.asarray(w.T if target.endswith("kernel") else w)
-  return cfg, _nest(flat)
+  return _nest(flat)
+
+
+def param_shapes(cfg: LlamaConfig) -> Any:
+  """The abstract params (`jax.ShapeDtypeStruct`s) a `Llama(cfg)` expects; nothing is made."""
+  tokens = jnp.zeros((1, 1), jnp.int32)
+  return jax.eval_shape(lambda: Llama(cfg).init(jax.random.key(0), tokens)["params"])
 
 
 def _nest(flat: Mapping[str, Any]) -> dict:
@@ -406,10 +429,8 @@ def gguf_tensors(
   ):
     path = "/".join(str(k.key) for k in p)
     name = gguf_name(path)
-    rows = None
-    if ".attn_q." in name or ".attn_k." in name:
-      heads = cfg.heads if ".attn_q." in name else cfg.kv_heads
-      rows = np.argsort(rope_rows(heads, cfg.head_dim))
+    restore = gguf_rows(cfg, name)
+    rows = None if restore is None else np.argsort(restore)  # back to llama.cpp's order
     kernel = path.endswith("kernel")
     if isinstance(leaf, QArray):
       if not kernel:
@@ -509,10 +530,7 @@ def load_hf(path: str | os.PathLike) -> tuple[LlamaConfig, dict]:
       target, value = torch_to_flax(name, value.astype(np.float32))
       flat[target] = jnp.asarray(value)
   params = _nest(flat)
-  expected = jax.eval_shape(
-    lambda: Llama(cfg).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
-  )
-  check_params(params, expected, str(folder))
+  check_params(params, param_shapes(cfg), str(folder))
   return cfg, params
 
 
