@@ -15,13 +15,14 @@ temporary, and the next save of the same target removes those left by a killed p
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
 import os
 import tempfile
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +34,11 @@ import safetensors
 from safetensors import TensorSpec
 
 from jaxquant._version import __version__
+from jaxquant.numerics import check_finite, check_scale_range, quantize
 from jaxquant.qarray import QArray, in_stored_order
+from jaxquant.rules import Rule
 from jaxquant.spec import QuantSpec
+from jaxquant.transforms import Plan, PlanRow, map_leaves, named_leaves, plan, progress_bar
 
 FORMAT_NAME = "jaxquant"
 #: 2 adds per-tensor CRC-32s and the header's own; format 1 files still load (unverified).
@@ -146,36 +150,50 @@ def _stored_tensors(tree) -> tuple[dict[str, np.ndarray], list[dict[str, Any]]]:
     name = "/".join(str(k[1]) for k in keys)
     if any(name == e["name"] for e in entries):
       raise ValueError(f"{name}: two leaves share this path; rename one before saving.")
-    entry: dict[str, Any]
-    if isinstance(leaf, QArray):
-      entry = {
-        "name": name,
-        "keys": keys,
-        "kind": "qarray",
-        "spec": str(leaf.spec),
-        "shape": list(leaf.shape),
-        "dtype": np.dtype(leaf.dtype).name,
-        "packed": leaf.packed,
-        "children": [],
-      }
-      if leaf.perm is not None:
-        entry["perm"] = list(leaf.perm)
-      for child in _CHILDREN:
-        value = getattr(leaf, child)
-        if value is not None:
-          stored = _as_numpy(value, f"{name} ({child})")
-          if child != "values" and not _finite(stored):
-            raise ValueError(
-              f"{name}: its {child} holds inf or NaN, so its values are lost; quantize it again "
-              "from finite weights (jaxquant.quantize_params reports the source leaf)."
-            )
-          add(f"{name}#{child}", name, stored)
-          entry["children"].append(child)
-    else:
-      add(name, name, _as_numpy(leaf, name))
-      entry = {"name": name, "keys": keys, "kind": "array"}
+    entry = _leaf_entry(name, keys, leaf)
+    for stored, value in _stored_parts(name, leaf):
+      add(stored, name, value)
     entries.append(entry)
   return arrays, entries
+
+
+def _leaf_entry(name: str, keys: list, leaf) -> dict[str, Any]:
+  """The header entry of one leaf (concrete, or abstract: `jax.ShapeDtypeStruct` children)."""
+  if not isinstance(leaf, QArray):
+    return {"name": name, "keys": keys, "kind": "array"}
+  entry = {
+    "name": name,
+    "keys": keys,
+    "kind": "qarray",
+    "spec": str(leaf.spec),
+    "shape": list(leaf.shape),
+    "dtype": np.dtype(leaf.dtype).name,
+    "packed": leaf.packed,
+    "children": [c for c in _CHILDREN if getattr(leaf, c) is not None],
+  }
+  if leaf.perm is not None:
+    entry["perm"] = list(leaf.perm)
+  return entry
+
+
+def _stored_parts(name: str, leaf) -> list[tuple[str, np.ndarray]]:
+  """``[(stored tensor name, C-contiguous array)]`` of a concrete leaf, checked storable (and a
+  QArray's scale and zero point finite)."""
+  if not isinstance(leaf, QArray):
+    return [(name, _as_numpy(leaf, name))]
+  parts = []
+  for child in _CHILDREN:
+    value = getattr(leaf, child)
+    if value is None:
+      continue
+    stored = _as_numpy(value, f"{name} ({child})")
+    if child != "values" and not _finite(stored):
+      raise ValueError(
+        f"{name}: its {child} holds inf or NaN, so its values are lost; quantize it again "
+        "from finite weights (jaxquant.quantize_params reports the source leaf)."
+      )
+    parts.append((f"{name}#{child}", stored))
+  return parts
 
 
 def save(path: str | os.PathLike, tree) -> Path:
@@ -194,6 +212,16 @@ def save(path: str | os.PathLike, tree) -> Path:
     k: {"dtype": _safetensors_name(a.dtype), "shape": list(a.shape), "crc32": crc32(a)}
     for k, a in arrays.items()
   }
+  metadata = _metadata(entries, tensors)
+  specs = {
+    k: TensorSpec(dtype=a.dtype.name, shape=a.shape, data_ptr=a.ctypes.data, data_len=a.nbytes)
+    for k, a in arrays.items()
+  }
+  return atomic_write(target, lambda tmp: safetensors.serialize_file(specs, tmp, metadata=metadata))
+
+
+def _metadata(entries: list[dict[str, Any]], tensors: dict[str, dict]) -> dict[str, str]:
+  """The safetensors ``__metadata__`` of a checkpoint: the jaxquant header and its CRC-32."""
   header = {
     "format": FORMAT_NAME,
     "format_version": FORMAT_VERSION,
@@ -202,12 +230,208 @@ def save(path: str | os.PathLike, tree) -> Path:
     "tensors": tensors,
   }
   text = json.dumps(header)
-  metadata = {FORMAT_NAME: text, HEADER_CRC_KEY: str(crc32(text.encode()))}
-  specs = {
-    k: TensorSpec(dtype=a.dtype.name, shape=a.shape, data_ptr=a.ctypes.data, data_len=a.nbytes)
-    for k, a in arrays.items()
-  }
-  return atomic_write(target, lambda tmp: safetensors.serialize_file(specs, tmp, metadata=metadata))
+  return {FORMAT_NAME: text, HEADER_CRC_KEY: str(crc32(text.encode()))}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Slot:
+  """Where one stored tensor goes: its leaf, dtype, shape and byte span in the data section."""
+
+  leaf: str
+  dtype: np.dtype
+  shape: tuple[int, ...]
+  begin: int
+  end: int
+
+
+def _abstract_parts(name: str, leaf) -> list[tuple[str, np.dtype, tuple[int, ...]]]:
+  """``[(stored name, dtype, shape)]`` of an abstract or concrete leaf."""
+  if isinstance(leaf, QArray):
+    children = [(c, getattr(leaf, c)) for c in _CHILDREN if getattr(leaf, c) is not None]
+    parts = [(f"{name}#{c}", v) for c, v in children]
+  else:
+    parts = [(name, leaf)]
+  out = []
+  for stored, v in parts:
+    dtype = np.dtype(v.dtype)
+    if dtype not in _STORABLE:
+      raise TypeError(f"{stored}: cannot store a {dtype} in a checkpoint.")
+    out.append((stored, dtype, tuple(int(d) for d in np.shape(v))))
+  return out
+
+
+def _stream_slots(layout) -> tuple[list[tuple[str, dict]], dict[str, _Slot]]:
+  """The header entries of `layout`'s leaves (in tree order) and every stored tensor's slot,
+  laid out back to back in that order; rejects reserved, shared and duplicate names."""
+  entries: list[tuple[str, dict]] = []
+  slots: dict[str, _Slot] = {}
+  end = 0
+  for keys, leaf in _flat_leaves(layout):
+    name = "/".join(str(k[1]) for k in keys)
+    if any(name == n for n, _ in entries):
+      raise ValueError(f"{name}: two leaves share this path; rename one before saving.")
+    entries.append((name, _leaf_entry(name, keys, leaf)))
+    for stored, dtype, shape in _abstract_parts(name, leaf):
+      if stored == "__metadata__" or stored in slots:
+        raise ValueError(f"{name}: stored as tensor '{stored}', which is reserved or taken.")
+      nbytes = math.prod(shape) * dtype.itemsize
+      slots[stored] = _Slot(name, dtype, shape, end, end + nbytes)
+      end += nbytes
+  return entries, slots
+
+
+def _safetensors_header(metadata: dict[str, str], slots: dict[str, _Slot]) -> bytes:
+  table: dict[str, Any] = {"__metadata__": metadata}
+  for k, s in slots.items():
+    table[k] = {
+      "dtype": _safetensors_name(s.dtype),
+      "shape": list(s.shape),
+      "data_offsets": [s.begin, s.end],
+    }
+  return json.dumps(table, separators=(",", ":")).encode()
+
+
+_MAX_CRC = 0xFFFFFFFF  # the widest CRC-32 in decimal: the header's space is sized with it
+
+
+def save_streamed(
+  path: str | os.PathLike,
+  layout,
+  leaf_for: Callable[[str], Any],
+  *,
+  progress: bool | Callable = False,
+) -> Path:
+  """Writes the checkpoint of a tree made one leaf at a time: memory holds one leaf.
+
+  `layout` is the tree with abstract leaves (`jax.ShapeDtypeStruct`s, QArrays of them:
+  `jax.eval_shape` of a quantizer gives one); ``leaf_for(name)`` makes the leaf at '/'-path
+  `name` (a NumPy/jax array or QArray), which must match its layout exactly. Leaves are made in
+  tree order and each is written, CRC'd and dropped before the next.
+
+  The file is what `save` writes of the whole tree (same jaxquant header, byte for byte, so
+  `load` returns the same tree), written in one pass into `atomic_write`'s temporary: the
+  layout fixes every tensor's data offsets, so the data section is written first, starting
+  past a header space sized for every CRC-32 at its widest (10 digits); the header with the
+  real CRCs then goes at the front, padded to that space with spaces (JSON whitespace, as
+  safetensors pads its own headers to 8 bytes). Only the padding can differ from `save`'s file
+  (and the order of the data section, which the header indexes).
+  """
+  target = checkpoint_file(path)
+  if target.is_symlink():
+    target = target.resolve()
+  entries, slots = _stream_slots(layout)
+  crcs = dict.fromkeys(slots, _MAX_CRC)
+
+  def header(crc: dict[str, int]) -> bytes:
+    tensors = {
+      k: {"dtype": _safetensors_name(s.dtype), "shape": list(s.shape), "crc32": crc[k]}
+      for k, s in slots.items()
+    }
+    meta = _metadata([e for _, e in entries], tensors)
+    if crc is crcs:
+      meta[HEADER_CRC_KEY] = str(_MAX_CRC)
+    return _safetensors_header(meta, slots)
+
+  reserved = -(-len(header(crcs)) // 8) * 8
+  by_leaf: dict[str, list[str]] = {}
+  for k, s in slots.items():
+    by_leaf.setdefault(s.leaf, []).append(k)
+
+  def write(tmp: str) -> None:
+    done: dict[str, int] = {}
+    with open(tmp, "wb") as f:
+      for name, entry in progress_bar(entries, "writing", progress):
+        leaf = leaf_for(name)
+        if _leaf_entry(name, entry["keys"], leaf) != entry:
+          raise ValueError(f"{name}: the leaf made does not match its layout.")
+        parts = _stored_parts(name, leaf)
+        del leaf
+        if [k for k, _ in parts] != by_leaf.get(name, []):
+          raise ValueError(f"{name}: the leaf made stores other tensors than its layout.")
+        for k, a in parts:
+          s = slots[k]
+          if a.dtype != s.dtype or a.shape != s.shape:
+            raise ValueError(
+              f"{k}: made as {a.dtype}{list(a.shape)}, but its layout says "
+              f"{s.dtype}{list(s.shape)}."
+            )
+          f.seek(8 + reserved + s.begin)
+          f.write(a.reshape(-1).view(np.uint8).data)
+          done[k] = crc32(a)
+        del parts
+      head = header(done)
+      f.seek(0)
+      f.write(len(head.ljust(reserved)).to_bytes(8, "little") + head.ljust(reserved))
+
+  return atomic_write(target, write)
+
+
+#: ``quantizer(w, row)``: the QArray of float array `w` by its plan row (spec, batch_dims, path).
+LeafQuantizer = Callable[[Any, PlanRow], QArray]
+
+
+def round_to_nearest(w, row: PlanRow) -> QArray:
+  """`numerics.quantize` of `w` by `row`, as `jaxquant.quantize_params` does it."""
+  if row.spec is None:
+    raise ValueError(f"{row.path}: the plan keeps this leaf; there is nothing to quantize.")
+  return quantize(w, row.spec, path=row.path, batch_dims=row.batch_dims)
+
+
+def quantize_streamed(
+  path: str | os.PathLike,
+  shapes,
+  read: Callable[[str], np.ndarray],
+  rules: Sequence[Rule] | Plan,
+  *,
+  quantizer: LeafQuantizer | None = None,
+  on_leaf: Callable[[str, np.ndarray, Any], None] | None = None,
+  progress: bool | Callable = False,
+) -> tuple[Path, Plan]:
+  """Quantizes a tree tensor by tensor into a checkpoint at `path`; returns it and the plan.
+
+  `shapes` is the float tree with `jax.ShapeDtypeStruct` leaves (nothing read); ``read(name)``
+  gives the array at '/'-path `name`. Each leaf is read, checked (finite, within its spec's
+  scale range), quantized by `quantizer` (round to nearest by default) when the plan says so,
+  passed to ``on_leaf(name, source, result)`` and written (`save_streamed`), so host memory
+  holds one source tensor and its result at a time, never the model. The file equals what
+  ``save(path, quantize_params(tree, rules))`` writes (`load` gives the same tree) for the
+  default quantizer, and what ``save`` of the data-free recipe's result writes for its own.
+
+  Only data-free quantization streams: methods that need calibration data (GPTQ, AWQ,
+  SmoothQuant, mixed precision) run the model, so they need the whole tree in memory.
+  """
+  quantizer = quantizer or round_to_nearest
+  p = rules if isinstance(rules, Plan) else plan(shapes, rules)
+  p.check()
+  p.warn_unused()
+  rows = {r.path: r for r in p.rows}
+  named = dict(named_leaves(shapes))
+
+  def abstract(name: str):
+    row, leaf = rows[name], named[name]
+    if row.spec is None:
+      return jax.ShapeDtypeStruct(row.shape, leaf.dtype)
+    return jax.eval_shape(lambda w: quantizer(w, row), jax.ShapeDtypeStruct(row.shape, leaf.dtype))
+
+  layout = map_leaves(lambda name, _: abstract(name), shapes)
+
+  def leaf_for(name: str):
+    row, w = rows[name], read(name)
+    if tuple(np.shape(w)) != row.shape or np.dtype(w.dtype) != np.dtype(named[name].dtype):
+      raise ValueError(
+        f"{name}: read as {np.dtype(w.dtype)}{list(np.shape(w))}, expected "
+        f"{np.dtype(named[name].dtype)}{list(row.shape)}."
+      )
+    out: Any = w
+    if row.spec is not None:
+      check_finite(w, name)
+      check_scale_range(w, row.spec, name, row.batch_dims)
+      out = quantizer(w, row)
+    if on_leaf is not None:
+      on_leaf(name, w, out)
+    return out
+
+  return save_streamed(path, layout, leaf_for, progress=progress), p
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Path:
@@ -442,17 +666,41 @@ def _read_tensor(f, path: Path, name: str, t: dict, start: int, want_crc: int | 
   return buf.view(SAFETENSORS_DTYPES[t["dtype"]]).reshape(t["shape"])
 
 
+class SafetensorsFile:
+  """Any safetensors file, read lazily: its header (checked on opening), each tensor's shape
+  and dtype, and one tensor at a time by name (bf16 and FP8 included)."""
+
+  def __init__(self, path: str | os.PathLike):
+    self.path = Path(path)
+    if not self.path.is_file():
+      raise FileNotFoundError(f"{self.path} does not exist.")
+    self.index, self.start = _read_index(self.path)
+
+  @property
+  def names(self) -> list[str]:
+    """Tensor names in file order."""
+    spans = sorted((t["data_offsets"][0], n) for n, t in self.index.items() if n != "__metadata__")
+    return [n for _, n in spans]
+
+  def shape_dtype(self, name: str) -> jax.ShapeDtypeStruct:
+    t = self.index[name]
+    return jax.ShapeDtypeStruct(tuple(t["shape"]), np.dtype(SAFETENSORS_DTYPES[t["dtype"]]))
+
+  def read(self, name: str) -> np.ndarray:
+    """Tensor `name` (one read of its bytes into a fresh array)."""
+    if name not in self.index or name == "__metadata__":
+      raise KeyError(f"{self.path} has no tensor {name!r}.")
+    with open(self.path, "rb") as f:
+      return _read_tensor(f, self.path, name, self.index[name], self.start, None)
+
+
 def iter_safetensors(path: str | os.PathLike) -> Iterator[tuple[str, np.ndarray]]:
   """The tensors of any safetensors file, one at a time in file order (``(name, array)``; bf16
   and FP8 included): memory holds one tensor, not the file. The header is checked first."""
-  path = Path(path)
-  if not path.is_file():
-    raise FileNotFoundError(f"{path} does not exist.")
-  index, start = _read_index(path)
-  names = sorted((t["data_offsets"][0], n) for n, t in index.items() if n != "__metadata__")
-  with open(path, "rb") as f:
-    for _, name in names:
-      yield name, _read_tensor(f, path, name, index[name], start, None)
+  file = SafetensorsFile(path)
+  with open(file.path, "rb") as f:
+    for name in file.names:
+      yield name, _read_tensor(f, file.path, name, file.index[name], file.start, None)
 
 
 def load(path: str | os.PathLike, *, verify: bool = True):
@@ -525,7 +773,7 @@ def _checked_entry(path: Path, entry, index: dict) -> dict:
         raise ValueError("the header lists no stored codes (values)")
       needed = [f"{name}#{c}" for c in children]
       QuantSpec.parse(entry["spec"])
-      if np.dtype(entry["dtype"]).kind != "f":
+      if not jnp.issubdtype(np.dtype(entry["dtype"]), jnp.floating):  # bf16, FP8 included
         raise ValueError(f"dtype {entry['dtype']!r} is not a floating dtype")
       if not isinstance(entry["packed"], bool):
         raise ValueError("'packed' is not a bool")

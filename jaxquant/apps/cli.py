@@ -175,28 +175,114 @@ def _apply(args, recipe: Recipe, params, plan: transforms.Plan):
 
 def cmd_quantize(args) -> int:
   out = check_output(args.out, "dir", args.overwrite)
+  recipe = load_recipe(args.recipe)
+  if args.model != "minilm" and convert.streamable(recipe):
+    return _quantize_streamed(args, out, recipe)
   params, plan, recipe = _plan_for(args)
-  recipe_name = recipe.name
   start = time.perf_counter()
   with warnings.catch_warnings():
     warnings.simplefilter("ignore", UserWarning)  # unused rules are shown in the summary
     result = _apply(args, recipe, params, plan)
-  qparams, rules, plan = result.qparams, list(result.rules), result.plan
+  qparams, plan = result.qparams, result.plan
   elapsed = time.perf_counter() - start
   originals = dict(transforms.named_leaves(result.reference))
-  errors = {}
-  for path, leaf in transforms.named_leaves(qparams):
-    if path in {r.path for r in plan.quantized}:
-      errors[path] = quantization_error(originals[path], leaf)
+  quantized = {r.path for r in plan.quantized}
+  errors = {
+    path: quantization_error(originals[path], leaf)
+    for path, leaf in transforms.named_leaves(qparams)
+    if path in quantized
+  }
+  out.mkdir(parents=True, exist_ok=True)
+  file = io.save(out / io.DEFAULT_FILENAME, qparams)
+  return _report_quantized(args, out, recipe, result, plan, errors, file, elapsed)
+
+
+def _lazy_source(model: str, layout: str | None) -> tuple[interop.LazyParams, str]:
+  """``(params unread, description)`` of a ``--model`` that streams: an LLM (`is_llm`) or a
+  plain ``.safetensors`` file (or folder of shards)."""
+  if is_llm(model):
+    source = _llm_source(model)
+    if "hf" in source:
+      cfg, lazy = convert.lazy_hf_params(source["hf"])
+      where = source["hf"]
+    else:
+      where = source.get("gguf") or str(llama.smollm2_path())
+      cfg, lazy = convert.lazy_gguf_params(where)
+    return lazy, f"{where} ({cfg.layers} layers, dim {cfg.dim}; float32, read tensor by tensor)"
+  path = Path(model)
+  if not (path.is_file() or path.is_dir()):
+    raise FileNotFoundError(
+      f"--model {model!r} is not 'minilm', {LLM_HELP}, or an existing .safetensors file."
+    )
+  for file in interop.safetensors_files(path):
+    if (io.read_header(file).get("__metadata__") or {}).get(io.FORMAT_NAME) is not None:
+      raise UsageError(
+        f"--model {model}: already a jaxquant checkpoint (quantized leaves); quantize the float "
+        "model it came from, or convert it with `jaxquant convert`."
+      )
+  return interop.lazy_safetensors_params(path, layout or "flax"), f"{path} (read tensor by tensor)"
+
+
+def stream_error(w: np.ndarray, q) -> dict[str, float]:
+  """`quantization_error` of `w` and its QArray `q`, summed in float64 by blocks of rows so
+  no float64 copy of the tensor is made."""
+  ref = np.asarray(w, np.float32).reshape(-1)
+  deq = np.asarray(jax.device_get(q.dequantize(jnp.float32))).reshape(-1)
+  signal = noise = 0.0
+  step = 1 << 22
+  for i in range(0, ref.size, step):
+    a = ref[i : i + step].astype(np.float64)
+    e = a - deq[i : i + step]
+    signal, noise = signal + float(a @ a), noise + float(e @ e)
+  rel = math.sqrt(noise / signal) if signal > 0 else 0.0
+  snr = 10 * math.log10(signal / noise) if noise > 0 else math.inf
+  return {"rel_error": rel, "snr_db": snr}
+
+
+def _quantize_streamed(args, out: Path, recipe: Recipe) -> int:
+  """`jaxquant quantize` with a data-free recipe: the source is read, quantized and written
+  one tensor at a time (`jaxquant.io.quantize_streamed`), so memory holds one tensor."""
+  if args.calibration:  # a missing or empty file fails before any work, as for other recipes
+    data.read_text(args.calibration, "--calibration")
+  lazy, described = _lazy_source(args.model, args.layout)
+  plan = transforms.plan(lazy.shapes, recipe.rules)
+  plan.check()
+  console.print(f"[bold]model[/] {described}\n[bold]recipe[/] {recipe.name}: {recipe.description}")
+  errors: dict[str, dict[str, float]] = {}
+
+  def on_leaf(path: str, w: np.ndarray, q) -> None:
+    if not isinstance(q, np.ndarray):
+      errors[path] = stream_error(w, q)
+
+  start = time.perf_counter()
+  out.mkdir(parents=True, exist_ok=True)
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", UserWarning)  # unused rules are shown in the summary
+    file, plan = io.quantize_streamed(
+      out / io.DEFAULT_FILENAME,
+      lazy.shapes,
+      lazy.read,
+      plan,
+      quantizer=convert.recipe_quantizer(recipe),
+      on_leaf=on_leaf,
+      progress=True,
+    )
+  elapsed = time.perf_counter() - start
+  return _report_quantized(args, out, recipe, None, plan, errors, file, elapsed)
+
+
+def _report_quantized(
+  args, out: Path, recipe: Recipe, result, plan, errors: dict, file: Path, elapsed: float
+) -> int:
+  """Prints the per-tensor errors and sizes of a written checkpoint; writes ``report.json``
+  and ``recipe.yaml`` beside it. `result` is `apply_recipe`'s (None: a streamed run)."""
   extra = {
     p: {"rel err": f"{e['rel_error']:.3%}", "SNR dB": f"{e['snr_db']:.1f}"}
     for p, e in errors.items()
   }
   console.print(
-    plan_table(plan, extra, title=f"{recipe_name}: per-tensor error", only_quantized=not args.all)
+    plan_table(plan, extra, title=f"{recipe.name}: per-tensor error", only_quantized=not args.all)
   )
-  out.mkdir(parents=True, exist_ok=True)
-  file = io.save(out / io.DEFAULT_FILENAME, qparams)
   file_bytes = file.stat().st_size
   matched_before = sum(r.bytes_before for r in plan.quantized)
   matched_after = sum(r.bytes_after for r in plan.quantized)
@@ -215,18 +301,19 @@ def cmd_quantize(args) -> int:
     )
   report = {
     "model": args.model,
-    "recipe": recipe_name,
-    "rules": [r.to_dict() for r in rules],
+    "recipe": recipe.name,
+    "rules": [r.to_dict() for r in plan.rules],
     "file": str(file),
     "file_bytes": file_bytes,
     "seconds": elapsed,
     "errors": errors,
     "plan": plan.to_dict(),
     "steps": [{n: o} for n, o in recipe.steps],
-    "info": _report_info(result.info),
+    "info": _report_info(result.info) if result is not None else {},
   }
   _write_text_atomic(out / "report.json", json.dumps(report, indent=1, default=_json_safe))
-  recipe = resolved_recipe(recipe, result)
+  if result is not None:
+    recipe = resolved_recipe(recipe, result)
   _write_text_atomic(out / "recipe.yaml", recipe.to_yaml())  # reproduces this checkpoint
   console.print(f"recipe {out / 'recipe.yaml'} : {recipe.description or recipe.name}")
   return 0

@@ -18,10 +18,17 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 
 from jaxquant import io
 from jaxquant.apps.models import llama
+from jaxquant.gguf_io import to_float
+from jaxquant.interop import LazyParams, nest, safetensors_files, torch_to_flax_name
+from jaxquant.io import LeafQuantizer, SafetensorsFile, round_to_nearest
+from jaxquant.ptq.steps import RTN
 from jaxquant.qarray import QArray
+from jaxquant.recipes import Recipe
+from jaxquant.transforms import PlanRow
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,3 +150,79 @@ def convert(
   text = json.dumps(report, indent=1)
   io.atomic_write(folder / "report.json", lambda tmp: Path(tmp).write_text(text))
   return file, {}
+
+
+# --------------------------------------------------------------------------- streamed sources
+def lazy_gguf_params(path: str) -> tuple[llama.LlamaConfig, LazyParams]:
+  """The float params `llama.load_gguf` gives, unread: the file is memory-mapped and each
+  tensor dequantized (Q/K rows reordered, kernels transposed) only when asked."""
+  file = llama.gguf_file(path)
+  cfg = llama.LlamaConfig.from_gguf(file.metadata, file.tensors)
+  names = {llama.gguf_param_path(n): n for n in file.tensors}
+  shapes = {}
+  for target, name in names.items():
+    shape = file.tensors[name].shape
+    shapes[target] = jax.ShapeDtypeStruct(
+      shape[::-1] if target.endswith("kernel") else shape, np.float32
+    )
+
+  def read(target: str) -> np.ndarray:
+    name = names[target]
+    w = to_float(file.tensors[name])
+    rows = llama.gguf_rows(cfg, name)
+    if rows is not None:
+      w = w[rows]
+    return np.ascontiguousarray(w.T) if target.endswith("kernel") else w
+
+  return cfg, LazyParams(nest(shapes, path), read)
+
+
+def lazy_hf_params(folder: str) -> tuple[llama.LlamaConfig, LazyParams]:
+  """The float32 params `llama.load_hf` gives, unread: each tensor is read from its shard
+  (cast to float32, PyTorch layouts transposed) only when asked; shapes checked against the
+  model first."""
+  path = Path(folder)
+  cfg = llama.LlamaConfig.from_hf(json.loads((path / "config.json").read_text()))
+  sources: dict[str, tuple[SafetensorsFile, str, tuple[int, ...] | None]] = {}
+  shapes = {}
+  for file in map(SafetensorsFile, safetensors_files(path)):
+    for name in file.names:
+      short = name.removeprefix("model.")
+      if short == "lm_head.weight" and cfg.tie_embeddings:
+        continue
+      shape = file.shape_dtype(name).shape
+      target, axes = torch_to_flax_name(short, len(shape))
+      sources[target] = (file, name, axes)
+      flax_shape = tuple(shape[a] for a in axes) if axes is not None else tuple(shape)
+      shapes[target] = jax.ShapeDtypeStruct(flax_shape, np.float32)
+  tree = nest(shapes, folder)
+  llama.check_params(tree, llama.param_shapes(cfg), folder)
+
+  def read(target: str) -> np.ndarray:
+    file, name, axes = sources[target]
+    w = file.read(name).astype(np.float32)
+    return w if axes is None else np.ascontiguousarray(np.transpose(w, axes))
+
+  return cfg, LazyParams(tree, read)
+
+
+def streamable(recipe: Recipe) -> bool:
+  """Whether `recipe` quantizes tensor by tensor: no selector and no step that needs data
+  (round to nearest, HQQ); GPTQ, AWQ, SmoothQuant and mixed precision need the model."""
+  selectors, smoothers, _ = recipe.build()
+  return not (selectors or smoothers or recipe.needs_data)
+
+
+def recipe_quantizer(recipe: Recipe) -> LeafQuantizer:
+  """The per-tensor quantizer of a `streamable` recipe, as its data-free run applies it: the
+  recipe's quantizer on the kernels it takes (2-D, not stacked), round to nearest elsewhere."""
+  _, _, quantizer = recipe.build()
+  if isinstance(quantizer, RTN) and not quantizer.float_zero:
+    return round_to_nearest
+
+  def one(w, row: PlanRow) -> QArray:
+    if row.spec is not None and row.batch_dims == 0 and quantizer.eligible(row.spec, row.shape):
+      return quantizer(w, None, row.spec)[0]
+    return round_to_nearest(w, row)
+
+  return one

@@ -1,0 +1,190 @@
+"""Streamed conversion: checkpoints quantized tensor by tensor equal the in-memory path's, stay
+atomic, and hold one tensor in memory, not the model."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+import safetensors.numpy
+from safetensors import safe_open
+
+import jaxquant as jq
+from jaxquant import interop, io, transforms
+from jaxquant.apps import convert
+from jaxquant.apps.cli import main
+from jaxquant.apps.models import llama
+from jaxquant.gguf_io import read_gguf
+
+
+def _flax_tensors(seed: int = 0) -> dict[str, np.ndarray]:
+  """A small model's tensors, named as a Flax tree split on '.' (kernels, a stacked kernel's
+  worth of shapes, bf16, biases, an embedding and an integer leaf)."""
+  rng = np.random.default_rng(seed)
+  normal = lambda *s: rng.standard_normal(s, np.float32)
+  return {
+    "embed.embedding": normal(50, 128),
+    "layer_0.attn.kernel": normal(128, 256),
+    "layer_0.attn.bias": normal(256),
+    "layer_0.mlp.kernel": normal(256, 128).astype(ml_dtypes.bfloat16),
+    "layer_1.conv.kernel": normal(3, 3, 128, 64),
+    "layer_1.norm.scale": normal(128),
+    "steps": np.arange(4, dtype=np.int32),
+  }
+
+
+def _same_checkpoint(a, b) -> None:
+  """Two checkpoint files with the same jaxquant header and the same tree, bit for bit."""
+  assert io.read_header(a)["__metadata__"] == io.read_header(b)["__metadata__"]
+  ta, tb = jq.load(a), jq.load(b)
+  assert jax.tree.structure(ta) == jax.tree.structure(tb)
+  for x, y in zip(jax.tree.leaves(ta), jax.tree.leaves(tb)):
+    assert x.dtype == y.dtype and x.shape == y.shape
+    np.testing.assert_array_equal(np.asarray(x).view(np.uint8), np.asarray(y).view(np.uint8))
+
+
+@pytest.mark.parametrize("recipe", ["int8", "w4g64", "w4g64-asym", "w4g64-hqq", "q4_1", "nf4"])
+def test_streamed_quantize_writes_what_save_of_the_recipe_writes(tmp_path, recipe):
+  src = tmp_path / "src.safetensors"
+  safetensors.numpy.save_file(_flax_tensors(), src)
+  r = jq.load_recipe(recipe)
+  want = io.save(
+    tmp_path / "want.safetensors",
+    jq.apply_recipe(r, interop.load_safetensors_params(src)).qparams,
+  )
+  got, plan = interop.quantize_safetensors(
+    src, tmp_path / "got.safetensors", r.rules, quantizer=convert.recipe_quantizer(r)
+  )
+  assert convert.streamable(r) and plan.quantized
+  _same_checkpoint(want, got)
+  with safe_open(str(got), "np") as f:  # safetensors itself reads the padded header
+    assert sorted(f.keys()) == sorted(k for k in io.read_header(got) if k != "__metadata__")
+
+
+def test_torch_layout_and_sharded_folders_stream_like_load_safetensors_params(tmp_path):
+  rng = np.random.default_rng(1)
+  tensors = {
+    "model.layers.0.q_proj.weight": rng.standard_normal((64, 128), np.float32),
+    "model.layers.0.q_proj.bias": rng.standard_normal(64).astype(np.float32),
+    "model.layers.1.conv.weight": rng.standard_normal((32, 64, 3, 3), np.float32),
+    "model.embed_tokens.weight": rng.standard_normal((20, 128), np.float32),
+  }
+  names = sorted(tensors)
+  folder = tmp_path / "hf"
+  folder.mkdir()
+  weight_map = {}
+  for i, part in enumerate((names[:2], names[2:])):
+    file = f"model-{i + 1:05d}-of-00002.safetensors"
+    safetensors.numpy.save_file({n: tensors[n] for n in part}, folder / file)
+    weight_map.update(dict.fromkeys(part, file))
+  (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+  single = tmp_path / "all.safetensors"
+  safetensors.numpy.save_file(tensors, single)
+  rules = jq.default_rules("int8")
+  params = interop.load_safetensors_params(single, "torch")
+  want = io.save(tmp_path / "want.safetensors", jq.quantize_params(params, rules))
+  got, _ = interop.quantize_safetensors(folder, tmp_path / "got.safetensors", rules, layout="torch")
+  _same_checkpoint(want, got)
+
+
+def test_a_failing_tensor_leaves_the_old_file_and_no_temporary(tmp_path):
+  tensors = _flax_tensors()
+  tensors["layer_1.conv.kernel"][0, 0, 0, 0] = np.nan  # read and checked mid-stream
+  src = tmp_path / "src.safetensors"
+  safetensors.numpy.save_file(tensors, src)
+  out = tmp_path / "out"
+  out.mkdir()
+  (out / io.DEFAULT_FILENAME).write_bytes(b"old")
+  with pytest.raises(ValueError, match=r"layer_1/conv/kernel: contains 1 NaN"):
+    interop.quantize_safetensors(src, out, jq.default_rules("int8"))
+  assert [p.name for p in out.iterdir()] == [io.DEFAULT_FILENAME]
+  assert (out / io.DEFAULT_FILENAME).read_bytes() == b"old"
+
+
+def test_a_leaf_that_does_not_match_its_layout_is_refused(tmp_path):
+  shapes = {"w": jax.ShapeDtypeStruct((4, 8), np.float32)}
+  with pytest.raises(ValueError, match=r"w: made as float32\[4, 9\]"):
+    io.save_streamed(tmp_path / "x.safetensors", shapes, lambda _: np.zeros((4, 9), np.float32))
+  assert not list(tmp_path.iterdir())
+
+
+def test_lazy_llm_sources_read_what_the_loaders_give(tmp_path):
+  file = read_gguf(llama.smollm2_path())
+  cfg = llama.LlamaConfig.from_gguf(file.metadata, file.tensors)
+  _, lazy = convert.lazy_gguf_params(str(llama.smollm2_path()))
+  want = dict(transforms.named_leaves(llama.gguf_params(file, cfg, layers=1)))
+  shapes = dict(transforms.named_leaves(lazy.shapes))
+  assert len(shapes) == len(file.tensors)
+  for path in ("layers_0/self_attn/q_proj/kernel", "layers_0/mlp/down_proj/kernel"):
+    assert shapes[path].shape == want[path].shape
+    np.testing.assert_array_equal(lazy.read(path), np.asarray(want[path]))
+  tiny = llama.LlamaConfig(
+    vocab=300, dim=64, layers=2, heads=4, kv_heads=2, head_dim=16, mlp=128, tie_embeddings=True
+  )
+  params = llama.Llama(tiny).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
+  hf = tmp_path / "hf"
+  hf.mkdir()
+  tensors = {k: v.astype(ml_dtypes.bfloat16) for k, v in llama.hf_tensors(tiny, params).items()}
+  safetensors.numpy.save_file(tensors, hf / "model.safetensors")
+  (hf / "config.json").write_text(json.dumps(llama.hf_config(tiny)))
+  _, loaded = llama.load_hf(hf)
+  _, lazy = convert.lazy_hf_params(str(hf))
+  for (p, a), (q, b) in zip(transforms.named_leaves(loaded), transforms.named_leaves(lazy.shapes)):
+    assert p == q and a.shape == b.shape and a.dtype == b.dtype
+    np.testing.assert_array_equal(np.asarray(a), lazy.read(p))
+
+
+def test_the_cli_streams_data_free_recipes_into_a_normal_checkpoint(tmp_path):
+  src = tmp_path / "src.safetensors"
+  safetensors.numpy.save_file(_flax_tensors(), src)
+  out = tmp_path / "q"
+  assert main(["quantize", "--model", str(src), "--recipe", "w4g64", "--out", str(out)]) == 0
+  want = io.save(
+    tmp_path / "want.safetensors",
+    jq.quantize_params(interop.load_safetensors_params(src), jq.load_recipe("w4g64").rules),
+  )
+  _same_checkpoint(want, out / io.DEFAULT_FILENAME)
+  report = json.loads((out / "report.json").read_text())
+  assert report["recipe"] == "w4g64"
+  assert set(report["errors"]) == {
+    "layer_0/attn/kernel",
+    "layer_0/mlp/kernel",
+    "layer_1/conv/kernel",
+  }
+  assert all(e["rel_error"] > 0 for e in report["errors"].values())
+
+
+PROBE = """
+import resource, sys
+import numpy as np, jax, jaxquant as jq
+from jaxquant import interop
+jq.quantize(np.ones((256, 256), np.float32), "int8").values.block_until_ready()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+interop.quantize_safetensors(sys.argv[1], sys.argv[2], jq.default_rules(sys.argv[3]))
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
+"""
+
+
+@pytest.mark.parametrize("spec", ["int8", "int4:g128"])
+def test_streamed_quantize_holds_one_tensor_not_the_model(tmp_path, spec):
+  src = tmp_path / "big.safetensors"
+  rng = np.random.default_rng(0)
+  w = rng.standard_normal((512, 2048), np.float32)  # 4 MiB a tensor
+  layers = {f"layer_{i}.kernel": w + i for i in range(24)}  # 96 MiB
+  safetensors.numpy.save_file(layers, src)
+  size = src.stat().st_size
+  out = subprocess.run(
+    [sys.executable, "-c", textwrap.dedent(PROBE), str(src), str(tmp_path / "q"), spec],
+    capture_output=True,
+    text=True,
+    check=True,
+  ).stdout.split()
+  grown = int(out[-1])
+  assert grown < size / 3, (
+    f"peak RSS grew {grown / 2**20:.0f} MiB for a {size / 2**20:.0f} MiB model"
+  )
