@@ -109,14 +109,18 @@ def kernel_weights(q: QArray) -> KernelWeights:
   return KernelWeights(c, scale, zero, layout)
 
 
-def unpack_nibbles(b: jax.Array, signed: bool) -> jax.Array:
-  """int8 bytes ``[..., c]`` to int32 codes ``[..., 2c]`` (low nibble first, as `packing`):
-  signed nibbles by arithmetic shifts (``(v << 28) >> 28`` and ``v >> 4``), unsigned by masks."""
+def nibbles(b: jax.Array, signed: bool) -> tuple[jax.Array, jax.Array]:
+  """int8 bytes to their (low, high) nibbles as int32 codes: signed ones by arithmetic
+  shifts (``(v << 28) >> 28`` and ``v >> 4``), unsigned ones by masks."""
   v = b.astype(jnp.int32)
   if signed:
-    low, high = (v << 28) >> 28, v >> 4
-  else:
-    low, high = v & 0xF, (v >> 4) & 0xF
+    return (v << 28) >> 28, v >> 4
+  return v & 0xF, (v >> 4) & 0xF
+
+
+def unpack_nibbles(b: jax.Array, signed: bool) -> jax.Array:
+  """int8 bytes ``[..., c]`` to int32 codes ``[..., 2c]``, low nibble first (as `packing`)."""
+  low, high = nibbles(b, signed)
   return jnp.stack([low, high], axis=-1).reshape(b.shape[:-1] + (2 * b.shape[-1],))
 
 
