@@ -124,7 +124,7 @@ def _kernel(x_ref, sx_ref, w_ref, s_ref, *rest, w: Layout, k_steps: int):
     if not grouped:
       acc_ref[h] += part
       continue
-    if z_ref is not None:
+    if z_ref is not None and xsum is not None:
       part = _minus_zero(part, xsum, z_ref[h])
     acc_ref[h] += part.astype(jnp.float32) * s_ref[h]
   if xsum is not None and not grouped:
