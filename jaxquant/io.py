@@ -16,6 +16,7 @@ temporary, and the next save of the same target removes those left by a killed p
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -371,10 +372,17 @@ LeafQuantizer = Callable[[Any, PlanRow], QArray]
 
 
 def round_to_nearest(w, row: PlanRow) -> QArray:
-  """`numerics.quantize` of `w` by `row`, as `jaxquant.quantize_params` does it."""
+  """`numerics.quantize` of `w` by `row`, as `jaxquant.quantize_params` does it, compiled once
+  per spec and shape: one fused pass over `w`, so no full-size temporaries (the same codes and
+  scales as eager mode; checks of the values are the caller's, as under `jit`)."""
   if row.spec is None:
     raise ValueError(f"{row.path}: the plan keeps this leaf; there is nothing to quantize.")
-  return quantize(w, row.spec, path=row.path, batch_dims=row.batch_dims)
+  return _compiled_quantize(row.spec, row.batch_dims)(w)
+
+
+@functools.lru_cache(maxsize=64)
+def _compiled_quantize(spec: QuantSpec, batch_dims: int) -> Callable[[Any], QArray]:
+  return jax.jit(functools.partial(quantize, spec=spec, batch_dims=batch_dims))
 
 
 def quantize_streamed(

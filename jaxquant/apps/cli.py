@@ -224,19 +224,20 @@ def _lazy_source(model: str, layout: str | None) -> tuple[interop.LazyParams, st
 
 
 def stream_error(w: np.ndarray, q) -> dict[str, float]:
-  """`quantization_error` of `w` and its QArray `q`, summed in float64 by blocks of rows so
-  no float64 copy of the tensor is made."""
-  ref = np.asarray(w, np.float32).reshape(-1)
-  deq = np.asarray(jax.device_get(q.dequantize(jnp.float32))).reshape(-1)
-  signal = noise = 0.0
-  step = 1 << 22
-  for i in range(0, ref.size, step):
-    a = ref[i : i + step].astype(np.float64)
-    e = a - deq[i : i + step]
-    signal, noise = signal + float(a @ a), noise + float(e @ e)
+  """`quantization_error` of `w` and its QArray `q` in one fused pass (float32 sums), so no
+  full-size float copy is made."""
+  signal, noise = (float(v) for v in _squared_sums(jnp.asarray(w), q))
   rel = math.sqrt(noise / signal) if signal > 0 else 0.0
   snr = 10 * math.log10(signal / noise) if noise > 0 else math.inf
   return {"rel_error": rel, "snr_db": snr}
+
+
+@jax.jit
+def _squared_sums(w: jax.Array, q) -> tuple[jax.Array, jax.Array]:
+  """``(Σ w², Σ (w − ŵ)²)`` in float32."""
+  x = w.astype(jnp.float32)
+  e = x - q.dequantize(jnp.float32)
+  return jnp.sum(x * x), jnp.sum(e * e)
 
 
 def _quantize_streamed(args, out: Path, recipe: Recipe) -> int:

@@ -11,6 +11,7 @@ reads it back). Everything is read and converted before the destination is writt
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -215,14 +216,19 @@ def streamable(recipe: Recipe) -> bool:
 
 def recipe_quantizer(recipe: Recipe) -> LeafQuantizer:
   """The per-tensor quantizer of a `streamable` recipe, as its data-free run applies it: the
-  recipe's quantizer on the kernels it takes (2-D, not stacked), round to nearest elsewhere."""
+  recipe's quantizer on the kernels it takes (not stacked), round to nearest elsewhere; each
+  compiled once per spec and shape."""
   _, _, quantizer = recipe.build()
   if isinstance(quantizer, RTN) and not quantizer.float_zero:
     return round_to_nearest
 
+  compiled = functools.lru_cache(maxsize=64)(
+    lambda spec: jax.jit(lambda w: quantizer(w, None, spec)[0])
+  )
+
   def one(w, row: PlanRow) -> QArray:
     if row.spec is not None and row.batch_dims == 0 and quantizer.eligible(row.spec, row.shape):
-      return quantizer(w, None, row.spec)[0]
+      return compiled(row.spec)(w)
     return round_to_nearest(w, row)
 
   return one
