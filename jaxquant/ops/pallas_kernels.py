@@ -23,7 +23,7 @@ DotDims = tuple[tuple[tuple[int, ...], tuple[int, ...]], tuple[tuple[int, ...], 
 
 def int8_token_spec(spec: QuantSpec | None) -> bool:
   """Whether `spec` asks for symmetric int8 activations with one dynamic scale per token."""
-  return (
+  return bool(
     spec is not None
     and spec.format == "int8"
     and spec.symmetric
