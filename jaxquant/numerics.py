@@ -31,10 +31,19 @@ import ml_dtypes
 import numpy as np
 
 from jaxquant import calibration
-from jaxquant.qarray import QArray, codes, decode, dequantize, from_codes, saturate
+from jaxquant.qarray import (
+  QArray,
+  codes,
+  decode,
+  dequantize,
+  from_codes,
+  saturate,
+  split_axis,
+)
 from jaxquant.spec import NF4_CODE, QuantSpec, SpecLike, as_spec, check_group_size
 
 __all__ = [
+  "abs_max",
   "check_finite",
   "check_input",
   "check_nonempty",
@@ -78,17 +87,34 @@ def check_input(x, path: str = "x") -> None:
 
 
 def check_finite(x, path: str = "x") -> None:
-  """ValueError if a concrete `x` holds NaN or Inf (skipped for traced values)."""
+  """ValueError if a concrete `x` holds NaN or Inf (skipped for traced values).
+
+  A `jax.Array` is checked where it lives (a sharded one shard by shard, reduced on device):
+  only the flag, and the counts when it fails, come back to the host.
+  """
   if isinstance(x, jax.core.Tracer):
     return
-  arr = np.asarray(jax.device_get(x), dtype=np.float32)
-  n_nan, n_inf = int(np.isnan(arr).sum()), int(np.isinf(arr).sum())
+  if isinstance(x, jax.Array):
+    if bool(jax.device_get(jnp.all(jnp.isfinite(x)))):
+      return
+    n_nan = int(jax.device_get(jnp.sum(jnp.isnan(x))))
+    n_inf = int(jax.device_get(jnp.sum(jnp.isinf(x))))
+  else:
+    arr = np.asarray(x, dtype=np.float32)
+    n_nan, n_inf = int(np.isnan(arr).sum()), int(np.isinf(arr).sum())
   if n_nan or n_inf:
     raise ValueError(
       f"{path}: contains {n_nan} NaN and {n_inf} Inf values; quantizing it would spread them "
       "over its whole scale group. Repair the tensor, or exclude this path with a rule "
       "whose weight spec is None."
     )
+
+
+def abs_max(x) -> float:
+  """``max |x|`` as a Python float; a `jax.Array` is reduced on its devices (no host copy)."""
+  if isinstance(x, jax.Array):
+    return float(jax.device_get(jnp.max(jnp.abs(x.astype(jnp.float32)))))
+  return float(np.max(np.abs(np.asarray(x, np.float32))))
 
 
 def check_nonempty(x, path: str = "x") -> None:
@@ -115,7 +141,7 @@ def scale_limit(spec: QuantSpec) -> float:
 
 def _scale_error(x, spec: QuantSpec, path: str) -> ValueError:
   """The error for a range that `spec`'s 16-bit scale cannot hold."""
-  amax = float(np.max(np.abs(np.asarray(jax.device_get(x), np.float32))))
+  amax = abs_max(x)
   dtype = spec.scale_storage
   covers = "max |x|" if spec.symmetric else "max x − min x"
   wider = ("bf16", "f32") if spec.scale_dtype == "f16" else ("f32",)
@@ -134,7 +160,11 @@ def check_scale(scale, x, spec: QuantSpec, path: str = "x") -> None:
   scales."""
   if scale is None or spec.scale_dtype == "f32" or isinstance(scale, jax.core.Tracer):
     return
-  if not np.all(np.isfinite(np.asarray(jax.device_get(scale), np.float32))):
+  if isinstance(scale, jax.Array):
+    finite = bool(jax.device_get(jnp.all(jnp.isfinite(scale))))
+  else:
+    finite = bool(np.all(np.isfinite(np.asarray(scale, np.float32))))
+  if not finite:
     raise _scale_error(x, spec, path)
 
 
@@ -144,17 +174,16 @@ def check_scale_range(x, spec: QuantSpec, path: str = "x", batch_dims: int = 0) 
   only when that cannot tell (skipped for traced values and float32 scales)."""
   if spec.scale_dtype == "f32" or spec.is_cast or isinstance(x, jax.core.Tracer):
     return
-  arr = np.asarray(jax.device_get(x), np.float32)
-  if arr.size == 0:
+  if math.prod(np.shape(x)) == 0:
     return
-  amax = float(np.max(np.abs(arr)))
+  amax = abs_max(x)  # on the array's own devices: only the number comes back
   reach = amax if spec.symmetric else 2.0 * amax  # max x − min x <= 2 max |x|, 0 in range
   if reach <= scale_limit(spec) * (1.0 - 2.0**-20):  # margin for the rounding of Δ
     return
   one = lambda xi: compute_scale(xi, spec)[0]
   for _ in range(batch_dims):
     one = jax.vmap(one)
-  check_scale(one(jnp.asarray(arr)), arr, spec, path)
+  check_scale(one(jnp.asarray(x, jnp.float32)), x, spec, path)
 
 
 # --------------------------------------------------------------------------- step 1: range
@@ -172,9 +201,8 @@ def grouped_view(x: jax.Array, spec: QuantSpec) -> tuple[jax.Array, tuple[int, .
   if spec.granularity == "token":
     return x, (axis,)
   check_group_size(spec, x.shape)
-  n = x.shape[axis]
   group = cast(int, spec.group_size)  # QuantSpec.__post_init__: a positive int for "group"
-  view = x.reshape(x.shape[:axis] + (n // group, group) + x.shape[axis + 1 :])
+  view = split_axis(x, axis, group)
   return view, (axis + 1,)
 
 

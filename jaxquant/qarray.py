@@ -173,6 +173,25 @@ def grouped_shape(shape: tuple[int, ...], spec: QuantSpec) -> tuple[int, ...]:
   return shape[:a] + (shape[a] // g, g) + shape[a + 1 :]
 
 
+def split_axis(x: jax.Array, axis: int, group: int) -> jax.Array:
+  """`x` with axis ``a`` of size n reshaped to ``(n // G, G)``. Under an explicitly sharded
+  mesh the group axis keeps the split of axis ``a`` when its devices divide the group count,
+  and is gathered otherwise (a reshape must say its output sharding there)."""
+  n = x.shape[axis]
+  shape = x.shape[:axis] + (n // group, group) + x.shape[axis + 1 :]
+  sharding = getattr(jax.typeof(x), "sharding", None)
+  spec = tuple(getattr(sharding, "spec", ()) or ())
+  part = spec[axis] if axis < len(spec) else None
+  if part is None or not isinstance(sharding, jax.sharding.NamedSharding):
+    return x.reshape(shape)
+  names = part if isinstance(part, tuple) else (part,)
+  ways = math.prod(sharding.mesh.shape[a] for a in names)
+  kept = part if (n // group) % ways == 0 else None
+  spec = spec + (None,) * (x.ndim - len(spec))
+  out = jax.sharding.PartitionSpec(*spec[:axis], kept, None, *spec[axis + 1 :])
+  return jax.lax.reshape(x, shape, out_sharding=jax.sharding.NamedSharding(sharding.mesh, out))
+
+
 def validate(q: QArray) -> None:
   """Raises ValueError unless `q`'s children agree with each other and with its spec."""
   spec, info = q.spec, q.spec.info
@@ -273,7 +292,9 @@ def dequantize(q: QArray, dtype=None) -> jax.Array:
   if q.spec.is_cast:
     return q.values.astype(dtype)
   shape = q.shape
-  c = codes(q).reshape(grouped_shape(shape, q.spec))
+  c = codes(q)
+  if q.spec.granularity == "group" and shape:
+    c = split_axis(c, q.spec.resolved_axis(len(shape)), int(q.spec.group_size or 1))
   return saturate(decode(c, q.scale, q.zero_point, q.spec).reshape(shape), q.dtype, dtype)
 
 
@@ -315,6 +336,15 @@ def is_qarray(x) -> bool:
   return isinstance(x, QArray)
 
 
+def _splits(size: int, part, mesh) -> bool:
+  """Whether an axis of `size` can be split over the mesh axes `part` (evenly, and not 1)."""
+  if part is None or size <= 1:
+    return False
+  names = part if isinstance(part, tuple) else (part,)
+  ways = math.prod(mesh.shape[n] for n in names)
+  return size % ways == 0
+
+
 def qarray_sharding(q: QArray, sharding: NamedSharding) -> QArray:
   """Shardings for `q`'s children that follow a sharding of its logical tensor.
 
@@ -322,7 +352,9 @@ def qarray_sharding(q: QArray, sharding: NamedSharding) -> QArray:
   `NamedSharding`s, usable as ``jax.device_put(q, qarray_sharding(q, s))`` or as `jit`'s
   ``out_shardings``. Values follow the logical partition (a packed last axis is split the same
   way, in bytes); a scale axis is split where the scale varies along it and replicated where it
-  has size 1, so every device holds the scales of exactly the values it holds.
+  has size 1, so every device holds the scales of exactly the values it holds. A group axis
+  with fewer groups than devices along it (or a count they do not divide) is replicated: each
+  device then holds every group's scales of its columns.
   """
   ndim = q.ndim
   logical = tuple(sharding.spec) + (None,) * (ndim - len(sharding.spec))
@@ -336,7 +368,9 @@ def qarray_sharding(q: QArray, sharding: NamedSharding) -> QArray:
   def for_child(child, child_spec):
     if child is None:
       return None
-    parts = tuple(p if d > 1 else None for p, d in zip(child_spec, child.shape))
+    parts = tuple(
+      p if _splits(d, p, sharding.mesh) else None for p, d in zip(child_spec, child.shape)
+    )
     return NamedSharding(sharding.mesh, PartitionSpec(*parts))
 
   stored = in_stored_order(logical, q.perm)

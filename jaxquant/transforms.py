@@ -1,26 +1,35 @@
 """Pure transforms over parameter pytrees: params in, params out.
 
 Works on Linen ``params`` dicts, plain nested dicts/lists, and NNX `State` (whose leaves are
-`nnx.Variable`s; their values are transformed and the Variables kept). Paths are the keys
-joined by '/', e.g. ``encoder/layer_0/attention/self/query/kernel``.
+`nnx.Variable`s; their values are transformed and the Variables kept). Linen partitioning boxes
+(``nn.with_partitioning``: `nn.Partitioned`, `nn.LogicallyPartitioned`) are kept the same way,
+around the QArray that replaces their value. Paths are the keys joined by '/', e.g.
+``encoder/layer_0/attention/self/query/kernel`` (a box adds nothing to the path).
+
+Sharded trees: every transform runs under `jit` on `jax.Array`s sharded over a mesh;
+`param_shardings` reads the shardings a (boxed) tree asks for, `quantized_shardings` those of
+its quantized form, and `quantize_sharded` quantizes a sharded tree in one `jit` into them.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import warnings
 import zlib
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, cast
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec, Sharding
 
 from jaxquant.numerics import check_finite, check_scale_range, dequantize, fake_quant, quantize
-from jaxquant.qarray import QArray
+from jaxquant.qarray import QArray, qarray_sharding
 from jaxquant.rules import Rule, first_match
 from jaxquant.spec import QuantSpec, check_group_size
 
@@ -41,15 +50,23 @@ def path_str(keypath) -> str:
 
 
 def _is_leaf(x) -> bool:
-  return isinstance(x, (QArray, nnx.Variable))
+  return isinstance(x, (QArray, nnx.Variable, nn.meta.AxisMetadata))
 
 
 def _unwrap(leaf):
-  return leaf.get_value() if isinstance(leaf, nnx.Variable) else leaf
+  if isinstance(leaf, nnx.Variable):
+    return leaf.get_value()
+  if isinstance(leaf, nn.meta.AxisMetadata):
+    return leaf.unbox(apply_constraint=False)
+  return leaf
 
 
 def _rewrap(leaf, value):
-  return leaf.replace(value=value) if isinstance(leaf, nnx.Variable) else value
+  if isinstance(leaf, nnx.Variable):
+    return leaf.replace(value=value)
+  if isinstance(leaf, nn.meta.AxisMetadata):
+    return leaf.replace_boxed(value)
+  return value
 
 
 def named_leaves(tree: PyTree) -> list[tuple[str, Any]]:
@@ -352,3 +369,124 @@ def fake_quant_params(
     return fake_quant(value, spec, key=_leaf_key(key, path), batch_dims=batch)
 
   return map_leaves(one, params)
+
+
+# --------------------------------------------------------------------------- shardings
+def _box_spec(leaf, axis_rules) -> PartitionSpec | None:
+  """The partition spec a box asks for (logical names through `axis_rules`), or None."""
+  if isinstance(leaf, nn.LogicallyPartitioned):
+    names = leaf.names
+    rules = axis_rules if axis_rules is not None else leaf.rules
+    return nn.logical_to_mesh_axes(names, rules)
+  if isinstance(leaf, nn.Partitioned):
+    names = leaf.names
+  elif isinstance(leaf, nnx.Variable):
+    meta = leaf.get_metadata()
+    found = [meta[k] for k in ("out_sharding", "sharding_names", "sharding") if meta.get(k)]
+    if not found:
+      return None
+    names = tuple(found[0])
+  else:
+    return None
+  if axis_rules is not None:
+    return nn.logical_to_mesh_axes(names, axis_rules)
+  return PartitionSpec(*names)
+
+
+def _box_mesh(leaf) -> Mesh | None:
+  mesh = getattr(leaf, "mesh", None)
+  if mesh is None and isinstance(leaf, nnx.Variable):
+    mesh = leaf.get_metadata().get("mesh")
+  return mesh if isinstance(mesh, Mesh) else None
+
+
+def leaf_sharding(leaf, mesh: Mesh | None = None, axis_rules=None) -> Sharding | None:
+  """The sharding of one leaf's logical tensor: its box's partition spec over `mesh` (or the
+  box's own mesh), else the sharding its array already has, else replicated over `mesh`;
+  None when there is neither a mesh nor a sharded array."""
+  spec = _box_spec(leaf, axis_rules)
+  mesh = mesh or _box_mesh(leaf)
+  if spec is not None and mesh is not None:
+    return NamedSharding(mesh, spec)
+  value = _unwrap(leaf)
+  own = getattr(value.values if isinstance(value, QArray) else value, "sharding", None)
+  if isinstance(value, QArray) and isinstance(own, NamedSharding):  # stored order -> logical
+    stored = tuple(own.spec) + (None,) * (value.ndim - len(own.spec))
+    logical = [stored[int(i)] for i in np.argsort(value.axis_order)]
+    return NamedSharding(own.mesh, PartitionSpec(*logical))
+  if isinstance(own, NamedSharding) or (own is not None and mesh is None):
+    return own
+  return NamedSharding(mesh, PartitionSpec()) if mesh is not None else None
+
+
+def _children_sharding(value, sharding: Sharding | None):
+  """`sharding` of a logical tensor, spread over a QArray's children (`qarray_sharding`)."""
+  if not isinstance(value, QArray):
+    return sharding
+  if isinstance(sharding, NamedSharding):
+    return qarray_sharding(value, sharding)
+  return jax.tree.map(lambda _: sharding, value)
+
+
+def param_shardings(params: PyTree, mesh: Mesh | None = None, axis_rules=None) -> PyTree:
+  """A tree of shardings shaped like `params`, for ``jax.device_put(params, s)`` or `jit`'s
+  ``in_shardings``/``out_shardings``.
+
+  Each leaf's logical sharding is its box's partition spec (Linen ``nn.with_partitioning``,
+  ``nn.LogicallyPartitioned`` through `axis_rules`, e.g. ``nn.logical_axis_rules`` pairs; NNX
+  ``sharding`` metadata) over `mesh`, or the sharding its array has (see `leaf_sharding`). A
+  QArray's children follow it: codes like the kernel, scales and zero points along the axes
+  they cover (`jaxquant.qarray.qarray_sharding`). Boxes and Variables are kept around the
+  shardings, so the tree matches `params` node for node.
+  """
+  flat, treedef = jax.tree_util.tree_flatten(params, is_leaf=_is_leaf)
+  out = []
+  for leaf in flat:
+    sharding = leaf_sharding(leaf, mesh, axis_rules)
+    out.append(_rewrap(leaf, _children_sharding(_unwrap(leaf), sharding)))
+  return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def quantized_shardings(
+  params: PyTree, rules: Sequence[Rule] | Plan, mesh: Mesh | None = None, axis_rules=None
+) -> PyTree:
+  """The shardings of ``quantize_params(params, rules)``, from those of `params`: a kept leaf
+  keeps its own; a quantized one's codes are sharded like the kernel was, its scales and zero
+  points along the axes they cover. Computed from shapes alone (`jax.eval_shape`)."""
+  p = rules if isinstance(rules, Plan) else plan(params, rules)
+  logical = {
+    path_str(kp): leaf_sharding(leaf, mesh, axis_rules)
+    for kp, leaf in jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_leaf)[0]
+  }
+  shapes = jax.eval_shape(functools.partial(_quantize_traced, p=p), params)
+  return map_leaves(lambda path, v: _children_sharding(v, logical[path]), shapes)
+
+
+def _quantize_traced(params: PyTree, p: Plan, key: jax.Array | None = None) -> PyTree:
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")  # the caller has warned once already
+    return quantize_params(params, p, key=key)
+
+
+def quantize_sharded(
+  params: PyTree,
+  rules: Sequence[Rule] | Plan,
+  *,
+  key: jax.Array | None = None,
+  mesh: Mesh | None = None,
+  axis_rules=None,
+) -> PyTree:
+  """`quantize_params` of a tree of (sharded) `jax.Array`s as one `jit` whose outputs are
+  placed by `quantized_shardings`: every device quantizes the shards it holds (a scale that
+  spans a split axis is reduced across the devices holding it), and codes, scales and zero
+  points come out sharded like their kernels, with no resharding of the inputs.
+
+  The checks of `quantize_params` (finite values, 16-bit scale ranges) run first on the
+  devices; only one flag and ``max |x|`` per leaf reach the host, never the weights.
+  """
+  p = rules if isinstance(rules, Plan) else plan(params, rules)
+  p.check()
+  check_quantizable(dict(named_leaves(params)), p)
+  p.warn_unused()
+  out = quantized_shardings(params, p, mesh, axis_rules)
+  return jax.jit(functools.partial(_quantize_traced, p=p), out_shardings=out)(params, key=key)

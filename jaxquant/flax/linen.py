@@ -55,9 +55,19 @@ def _run_with_seams(module: nn.Module, seam_attr: str, cfg: common.LayerConfig, 
   seam = _SEAM_TYPES[seam_attr](cfg)
   overrides: dict[str, Any] = {seam_attr: seam, f"{seam_attr}_cls": None, "promote_dtype": _promote}
   clone = module.clone(parent=None, **overrides)
-  params["kernel"] = common.Operand(params["kernel"])
+  params["kernel"] = _boxed_like(params["kernel"], common.Operand(_unboxed(params["kernel"])))
   variables["params"] = params
   return clone.apply(variables, *args, **kwargs)
+
+
+def _unboxed(value):
+  """A parameter without its partitioning box (``nn.with_partitioning``), if it has one."""
+  return value.unbox(apply_constraint=False) if isinstance(value, nn.meta.AxisMetadata) else value
+
+
+def _boxed_like(box, value):
+  """`value` in `box`'s partitioning metadata (itself when `box` is no box)."""
+  return box.replace_boxed(value) if isinstance(box, nn.meta.AxisMetadata) else value
 
 
 def _learned_quantizers(cfg: common.LayerConfig, params: dict, args: tuple):
@@ -90,7 +100,7 @@ def _divide_by_input_scale(params: dict, args: tuple) -> tuple:
 
 def _needs_float_run(module: nn.Module) -> bool:
   params = module.variables.get("params", {})
-  return INPUT_SCALE in params or any(isinstance(v, QArray) for v in params.values())
+  return INPUT_SCALE in params or any(isinstance(_unboxed(v), QArray) for v in params.values())
 
 
 def _run_float(module: nn.Module, args, kwargs, method: str = "__call__"):
@@ -98,7 +108,8 @@ def _run_float(module: nn.Module, args, kwargs, method: str = "__call__"):
   ``input_scale`` runs in float: dequantized values, inputs divided by the scale."""
   variables = dict(module.variables)
   params = {
-    k: v.dequantize() if isinstance(v, QArray) else v for k, v in variables["params"].items()
+    k: _boxed_like(v, _unboxed(v).dequantize()) if isinstance(_unboxed(v), QArray) else v
+    for k, v in variables["params"].items()
   }
   args = _divide_by_input_scale(params, args)
   variables["params"] = params
