@@ -36,7 +36,7 @@ import numpy as np
 
 from jaxquant.numerics import quantize
 from jaxquant.ops import explain, qdot_general
-from jaxquant.ops.pallas_common import kernel_weights
+from jaxquant.ops.pallas_common import weights_layout
 from jaxquant.ops.pallas_gpu import Tiles, default_tiles, gpu_reason, weight_only_matmul
 from jaxquant.qarray import QArray
 
@@ -90,7 +90,7 @@ def variants(w: jax.Array, q8: QArray, q4: QArray, interpret: bool) -> dict:
 
 def sweep_tiles(m: int, q: QArray) -> list[Tiles]:
   """A few kernel tilings to try at decode (the default first)."""
-  layout = kernel_weights(q).layout
+  layout = weights_layout(q)
   base = default_tiles(m, layout)
   if base is None:
     return []

@@ -90,12 +90,20 @@ def weights_reason(q: object) -> str | None:
   return None
 
 
-def kernel_weights(q: QArray) -> KernelWeights:
-  """`q` (which `weights_reason` accepts) as kernel operands; only bitcasts and reshapes."""
+def weights_layout(q: QArray) -> Layout:
+  """The static `Layout` of `q` (which `weights_reason` accepts), from its metadata only."""
   k, n = q.shape
   spec = q.spec
   group = int(spec.group_size or k) if spec.granularity == "group" else k
-  g = k // group
+  return Layout(
+    k, n, group, q.packed, spec.info.signed, q.perm is not None, q.zero_point is not None
+  )
+
+
+def kernel_weights(q: QArray) -> KernelWeights:
+  """`q` (which `weights_reason` accepts) as kernel operands; only bitcasts and reshapes."""
+  layout = weights_layout(q)
+  g, n = layout.groups, layout.n
 
   def grid(a: jax.Array) -> jax.Array:  # [1, N] / [1, 1] / [G, 1, N] -> [G, N]
     return jnp.broadcast_to(a.reshape(g, -1), (g, n))
@@ -105,7 +113,6 @@ def kernel_weights(q: QArray) -> KernelWeights:
   c = q.values
   if q.packed or c.dtype == jnp.uint8:
     c = lax.bitcast_convert_type(c, jnp.int8)
-  layout = Layout(k, n, group, q.packed, spec.info.signed, q.perm is not None, zero is not None)
   return KernelWeights(c, scale, zero, layout)
 
 

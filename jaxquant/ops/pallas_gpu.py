@@ -37,6 +37,7 @@ from jaxquant.ops.pallas_common import (
   pick_block,
   unpack_nibbles,
   unsigned_codes,
+  weights_layout,
   weights_reason,
 )
 from jaxquant.qarray import QArray
@@ -98,7 +99,7 @@ def gpu_reason(q: object, lhs_shape: tuple[int, ...], backend: str | None = None
     return f"backend {backend}: the Triton kernel runs on GPUs"
   if not lhs_shape or lhs_shape[-1] != q.shape[0]:
     return f"activations {lhs_shape} do not contract with weights {q.shape}"
-  w = kernel_weights(q).layout
+  w = weights_layout(q)
   if w.groups > 1 and (not _pow2(w.group) or w.group < MIN_BLOCK):
     return f"group size {w.group} is not a power of two ≥ {MIN_BLOCK}"
   if default_tiles(math.prod(lhs_shape[:-1]), w) is None:

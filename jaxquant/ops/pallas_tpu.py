@@ -38,6 +38,7 @@ from jaxquant.ops.pallas_common import (
   nibbles,
   pick_block,
   unsigned_codes,
+  weights_layout,
   weights_reason,
 )
 from jaxquant.qarray import QArray
@@ -92,7 +93,7 @@ def tpu_reason(
     return "codes stored contraction-minor (the TPU kernel reads [K, N])"
   if not lhs_shape or lhs_shape[-1] != q.shape[0]:
     return f"activations {lhs_shape} do not contract with weights {q.shape}"
-  w = kernel_weights(q).layout
+  w = weights_layout(q)
   if w.groups > 1 and w.group % LANES:
     return f"group size {w.group} is not a multiple of {LANES} (one group per K block)"
   if default_tiles(math.prod(lhs_shape[:-1]), w) is None:
