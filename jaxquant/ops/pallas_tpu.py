@@ -121,7 +121,8 @@ def _kernel(x_ref, sx_ref, w_ref, s_ref, *rest, w: Layout, k_steps: int):
     xs_ref[...] = jnp.zeros_like(xs_ref)
 
   for h, codes in enumerate(halves):
-    part = jnp.dot(x, codes.astype(x.dtype), preferred_element_type=acc_type)
+    wide = codes if integer else codes.astype(jnp.float32)  # int32 -> f32 -> bf16: exact
+    part = jnp.dot(x, wide.astype(x.dtype), preferred_element_type=acc_type)
     if not grouped:
       acc_ref[h] += part
       continue
