@@ -11,8 +11,9 @@ over the time, beside the card's peak bandwidth. Variants:
 * ``f32``, ``bf16``: ``x @ w`` in that dtype (float32 accumulation for bf16);
 * ``w8a8``: jaxquant's serve path (int8 per token × int8 per channel, ``i8 × i8 → i32``);
 * ``w8a16``, ``w4a16``: bf16 activations, int8 per channel / int4 g128 weights through the
-  Pallas Triton kernel (`jaxquant.ops.pallas_gpu`), and the same through jaxquant's default
-  path (``*-xla``: dequantized in the graph) for comparison;
+  Pallas Triton kernel (`jaxquant.ops.pallas_gpu`); ``*-xla``: the same weights dequantized in
+  the graph (``lowering="dequant"``); ``w4a16-default``: whatever jaxquant's serve path
+  chooses (`explain` recorded);
 * with ``--sweep`` (default), a few tile choices for the kernel at decode, best one reported.
 
 ``--dry-run`` runs everything on CPU at tiny shapes with the kernels in interpret mode, to
@@ -46,6 +47,13 @@ SHAPES = ((4096, 4096), (4096, 14336))
 ROWS = (1, 16, 2048)
 DRY_SHAPES = ((256, 512),)
 DRY_ROWS = (1, 16, 64)
+#: The variants that go through jaxquant's serve path: (activation spec, forced lowering).
+SERVE_PATHS = {
+  "w8a8": ("int8:token", None),
+  "w8a16-xla": (None, "dequant"),
+  "w4a16-xla": (None, "dequant"),
+  "w4a16-default": (None, None),
+}
 
 
 def peak_gbs(kind: str) -> float | None:
@@ -72,7 +80,9 @@ def timed(fn, args, repeats: int) -> tuple[float, jax.Array]:
 def variants(w: jax.Array, q8: QArray, q4: QArray, interpret: bool) -> dict:
   """name -> (function, weights, activation dtype)."""
   kernel = lambda x, q: weight_only_matmul(x, q, interpret=interpret)
-  serve = lambda spec: lambda x, q: qdot_general(x, q, DENSE, lhs_spec=spec)
+  serve = lambda spec, lowering=None: (
+    lambda x, q: qdot_general(x, q, DENSE, lhs_spec=spec, lowering=lowering)
+  )
   return {
     "f32": (lambda x, w: x @ w, w, jnp.float32),
     "bf16": (
@@ -83,8 +93,9 @@ def variants(w: jax.Array, q8: QArray, q4: QArray, interpret: bool) -> dict:
     "w8a8": (serve("int8:token"), q8, jnp.bfloat16),
     "w8a16": (kernel, q8, jnp.bfloat16),
     "w4a16": (kernel, q4, jnp.bfloat16),
-    "w8a16-xla": (serve(None), q8, jnp.bfloat16),
-    "w4a16-xla": (serve(None), q4, jnp.bfloat16),
+    "w8a16-xla": (serve(None, "dequant"), q8, jnp.bfloat16),
+    "w4a16-xla": (serve(None, "dequant"), q4, jnp.bfloat16),
+    "w4a16-default": (serve(None), q4, jnp.bfloat16),
   }
 
 
@@ -120,9 +131,9 @@ def one_shape(k: int, n: int, rows, repeats: int, sweep: bool, interpret: bool, 
           why = gpu_reason(weights, xa.shape)
           if why:
             raise ValueError(why)
-        if isinstance(weights, QArray) and name in ("w8a8", "w8a16-xla", "w4a16-xla"):
-          spec = "int8:token" if name == "w8a8" else None
-          row["lowering"] = str(explain(xa, weights, DENSE, lhs_spec=spec))
+        if isinstance(weights, QArray) and name in SERVE_PATHS:
+          spec, forced = SERVE_PATHS[name]
+          row["lowering"] = str(explain(xa, weights, DENSE, lhs_spec=spec, lowering=forced))
         candidates = [None]
         if sweep and name in ("w8a16", "w4a16") and m <= 16:
           candidates = sweep_tiles(m, weights)  # type: ignore[arg-type]
