@@ -126,8 +126,9 @@ def _kernel(x_ref, w_ref, s_ref, *rest, w: Layout, tiles: Tiles):
     x = x_ref[:, pl.ds(pl.multiple_of(i * bk, bk), bk)]
     q = _codes_tile(w_ref, i, bk, w).astype(x.dtype)
     dot = lax.dot_general(x, q, dims, preferred_element_type=jnp.float32)
-    xsum = jnp.sum(x.astype(jnp.float32), axis=1, keepdims=True)
-    return dot, xsum
+    if not w.has_zero:
+      return dot, None
+    return dot, jnp.sum(x.astype(jnp.float32), axis=1, keepdims=True)
 
   def row(ref, i):
     return ref[pl.ds(i, 1), :].astype(jnp.float32)  # [1, bn]
@@ -136,8 +137,8 @@ def _kernel(x_ref, w_ref, s_ref, *rest, w: Layout, tiles: Tiles):
     acc, xs = carry
     dot, xsum = partial_sum(i)
     if not grouped:
-      return acc + dot, xs + xsum
-    if z_ref is not None:
+      return acc + dot, xs if xsum is None else xs + xsum
+    if z_ref is not None and xsum is not None:
       dot = dot - xsum * row(z_ref, i)
     return acc + dot * row(s_ref, i), xs
 
