@@ -36,7 +36,7 @@ from safetensors import TensorSpec
 
 from jaxquant._version import __version__
 from jaxquant.numerics import check_finite, check_scale_range, quantize
-from jaxquant.qarray import QArray, in_stored_order
+from jaxquant.qarray import QArray, in_stored_order, qarray_sharding
 from jaxquant.rules import Rule
 from jaxquant.spec import QuantSpec
 from jaxquant.transforms import Plan, PlanRow, map_leaves, named_leaves, plan, progress_bar
@@ -868,3 +868,159 @@ def _lists_where_saved(node, prefix: tuple, seq_paths: set):
   if prefix in seq_paths:
     return [children[i] for i in sorted(children)]
   return children
+
+
+# --------------------------------------------------------------------------- Orbax
+ORBAX_LAYOUT = "jaxquant_layout"
+ORBAX_ARRAYS = "arrays"
+#: ``sharding(path, shape)``: the sharding of the logical leaf at '/'-path `path` (a QArray's
+#: children follow it, `qarray_sharding`), or None for one device.
+LeafSharding = Callable[[str, tuple[int, ...]], jax.sharding.Sharding | None]
+
+
+def _orbax():
+  import orbax.checkpoint as ocp  # a core dependency (through flax), loaded only when used
+
+  return ocp
+
+
+def _orbax_checkpointer():
+  """A checkpointer of the two items: the arrays (Orbax's standard handler) and the layout."""
+  ocp = _orbax()
+  handler = ocp.CompositeCheckpointHandler(
+    **{ORBAX_ARRAYS: ocp.StandardCheckpointHandler(), ORBAX_LAYOUT: ocp.JsonCheckpointHandler()}
+  )
+  return ocp.Checkpointer(handler)
+
+
+def save_orbax(path: str | os.PathLike, tree) -> Path:
+  """Saves `tree` (arrays and QArrays, sharded or not, across processes too) as an Orbax
+  checkpoint folder at `path`: the stored tensors as one flat tree of arrays (``t0``, ``t1``,
+  ...) and, beside them, the jaxquant layout (every leaf's tree path, and a QArray's spec,
+  dtype, packing and permutation: the header entries of `save`; each tensor's dtype and
+  shape), so `load_orbax` needs no template. Orbax writes into a temporary folder and renames
+  it when complete (atomic); every process calls it, as Orbax requires. Returns the folder."""
+  ocp = _orbax()
+  path = Path(path).absolute()
+  arrays: dict[str, Any] = {}
+  entries, tensors = [], {}
+  for keys, leaf in _flat_leaves(tree):
+    name = "/".join(str(k[1]) for k in keys)
+    entries.append(_leaf_entry(name, keys, leaf))
+    for value in _children(leaf):
+      key = f"t{len(arrays)}"
+      arrays[key] = value if isinstance(value, jax.Array) else np.asarray(value)
+      dtype = np.dtype(arrays[key].dtype)
+      if dtype not in _STORABLE:
+        raise TypeError(f"{name}: cannot store a {dtype} in a checkpoint.")
+      tensors[key] = {"dtype": _safetensors_name(dtype), "shape": list(arrays[key].shape)}
+  layout = {"format": FORMAT_NAME, "version": __version__, "leaves": entries, "tensors": tensors}
+  with _orbax_checkpointer() as checkpointer:
+    checkpointer.save(
+      path,
+      ocp.args.Composite(
+        **{ORBAX_ARRAYS: ocp.args.StandardSave(arrays), ORBAX_LAYOUT: ocp.args.JsonSave(layout)}
+      ),
+    )
+  return path
+
+
+def orbax_layout(path: str | os.PathLike) -> dict:
+  """The jaxquant layout `save_orbax` stored beside the arrays of checkpoint `path`."""
+  ocp = _orbax()
+  if not Path(path).is_dir():
+    raise FileNotFoundError(f"{path}: no such Orbax checkpoint folder.")
+  try:
+    with _orbax_checkpointer() as checkpointer:
+      got = checkpointer.restore(
+        Path(path).absolute(), ocp.args.Composite(**{ORBAX_LAYOUT: ocp.args.JsonRestore()})
+      )
+    layout = got[ORBAX_LAYOUT]
+  except (KeyError, FileNotFoundError, ValueError):
+    layout = None
+  if not isinstance(layout, dict) or layout.get("format") != FORMAT_NAME:
+    raise ValueError(
+      f"{path}: an Orbax checkpoint without a jaxquant layout; save it with save_orbax."
+    )
+  return layout
+
+
+def abstract_orbax(path: str | os.PathLike, sharding: LeafSharding | None = None):
+  """The tree checkpoint `path` holds, unread: `jax.ShapeDtypeStruct` leaves (QArrays of them)
+  with the shardings ``sharding(path, logical shape)`` gives (None: the first device)."""
+  return _abstract_tree(orbax_layout(path), sharding, Path(path))
+
+
+def _abstract_tree(layout: dict, sharding: LeafSharding | None, path: Path):
+  stored = {
+    k: jax.ShapeDtypeStruct(tuple(t["shape"]), np.dtype(SAFETENSORS_DTYPES[t["dtype"]]))
+    for k, t in layout["tensors"].items()
+  }
+  names = iter(layout["tensors"])
+  leaves = []
+  for entry in layout["leaves"]:
+    leaf: Any
+    if entry["kind"] == "array":
+      leaf = _abstract_array(entry["name"], stored[next(names)], sharding)
+    else:
+      parts = {c: stored[next(names)] for c in _CHILDREN if c in entry["children"]}
+      leaf = _abstract_qarray(entry, parts, sharding, path)
+    leaves.append((entry["keys"], leaf))
+  return _unflatten(leaves)
+
+
+def _first_device() -> jax.sharding.Sharding:
+  return jax.sharding.SingleDeviceSharding(jax.devices()[0])
+
+
+def _abstract_array(name: str, value, sharding: LeafSharding | None) -> jax.ShapeDtypeStruct:
+  s = sharding(name, tuple(value.shape)) if sharding else None
+  return jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=s or _first_device())
+
+
+def _abstract_qarray(entry: dict, parts: dict, sharding: LeafSharding | None, path: Path) -> QArray:
+  """A QArray of abstract children, placed after its logical tensor's sharding."""
+  q = _qarray_from_entry(entry, parts, path)
+  s = sharding(entry["name"], q.shape) if sharding else None
+  if isinstance(s, jax.sharding.NamedSharding):
+    placed = qarray_sharding(q, s)
+    each = {c: getattr(placed, c) for c in parts}
+  else:
+    each = dict.fromkeys(parts, s or _first_device())
+  children: dict[str, Any] = {
+    c: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=each[c]) for c, v in parts.items()
+  }
+  return dataclasses.replace(q, **children)
+
+
+def _children(leaf) -> list:
+  """The arrays a leaf stores, in stored order (a QArray's children that are not None)."""
+  if not isinstance(leaf, QArray):
+    return [leaf]
+  return [getattr(leaf, c) for c in _CHILDREN if getattr(leaf, c) is not None]
+
+
+def load_orbax(path: str | os.PathLike, sharding: LeafSharding | None = None):
+  """Restores a `save_orbax` checkpoint straight into its target shardings: every leaf (a
+  QArray's children after the logical tensor's sharding, `qarray_sharding`) is read onto the
+  devices ``sharding(path, logical shape)`` names, on any mesh shape, whatever mesh saved it
+  (None: the first device). Arrays and QArrays come back bit for bit."""
+  ocp = _orbax()
+  layout = orbax_layout(path)
+  abstract = _abstract_tree(layout, sharding, Path(path))
+  flat = [child for _, leaf in _flat_leaves(abstract) for child in _children(leaf)]
+  targets = dict(zip(layout["tensors"], flat, strict=True))
+  with _orbax_checkpointer() as checkpointer:
+    got = checkpointer.restore(
+      Path(path).absolute(),
+      ocp.args.Composite(**{ORBAX_ARRAYS: ocp.args.StandardRestore(targets)}),
+    )
+  arrays = iter(got[ORBAX_ARRAYS][k] for k in layout["tensors"])
+
+  def fill(leaf):
+    if isinstance(leaf, QArray):
+      children = {c: next(arrays) if getattr(leaf, c) is not None else None for c in _CHILDREN}
+      return dataclasses.replace(leaf, **children)
+    return next(arrays)
+
+  return jax.tree.map(fill, abstract, is_leaf=lambda x: isinstance(x, QArray))
