@@ -11,7 +11,7 @@ from jax._src.pallas.triton import pallas_call_registration as registration
 
 from jaxquant.numerics import quantize_along
 from jaxquant.ops.pallas_gpu import EXPORT_CHECKS, gpu_reason, weight_only_matmul
-from jaxquant.ops.pallas_kernels import pallas_matmul, pallas_reason
+from jaxquant.ops.pallas_kernels import pallas_matmul, pallas_reason, portable_matmul
 from jaxquant.ops.pallas_tpu import PER_TOKEN_INT8, tpu_matmul, w8a8_matmul
 from jaxquant.qarray import QArray, codes, dequantize
 from jaxquant.spec import QuantSpec
@@ -258,3 +258,20 @@ def test_tpu_kernel_exports_for_tpu(spec, act):
   exported = jax.export.export(jax.jit(f), platforms=("tpu",))(x, q)
   assert "tpu_custom_call" in exported.mlir_module()
   assert jax.export.deserialize(exported.serialize()).platforms == ("tpu",)
+
+
+def test_portable_matmul_picks_the_kernel_of_the_platform_lowered_for():
+  q = _weights("int4:g128", 256, 256)
+  fallback = lambda x, q: (x.astype(jnp.float32) @ dequantize(q, jnp.float32)).astype(x.dtype)
+  f = jax.jit(lambda x, q: portable_matmul(x, q, fallback))
+  x = jax.ShapeDtypeStruct((3, 256), jnp.bfloat16)
+  found = {}
+  for platform in ("cuda", "tpu", "cpu"):
+    text = jax.export.export(f, platforms=(platform,), disabled_checks=EXPORT_CHECKS)(x, q)
+    found[platform] = (
+      "__gpu$xla.gpu.triton" in text.mlir_module(),
+      "tpu_custom_call" in text.mlir_module(),
+    )
+  assert found == {"cuda": (True, False), "tpu": (False, True), "cpu": (False, False)}
+  xv = jnp.ones((3, 256), jnp.bfloat16)
+  np.testing.assert_array_equal(np.asarray(f(xv, q)), np.asarray(fallback(xv, q)))

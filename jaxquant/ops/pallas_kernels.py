@@ -11,7 +11,11 @@ first of ``q``). ``interpret=True`` runs either kernel's body on any backend.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import jax
+from jax import lax
 
 from jaxquant.ops.pallas_gpu import GPU_BACKENDS, gpu_reason, weight_only_matmul
 from jaxquant.ops.pallas_tpu import tpu_matmul, tpu_reason, w8a8_matmul
@@ -80,3 +84,31 @@ def pallas_matmul(
   if lhs_spec is not None:
     return w8a8_matmul(x, q, out_dtype=out_dtype, interpret=interpret)
   return tpu_matmul(x, q, out_dtype=out_dtype, interpret=interpret)
+
+
+def portable_matmul(
+  x: jax.Array,
+  q: QArray,
+  fallback: Callable[[jax.Array, QArray], jax.Array],
+  *,
+  lhs_spec: QuantSpec | None = None,
+) -> jax.Array:
+  """``x @ q`` chosen per platform when the computation is lowered (`lax.platform_dependent`):
+  the Triton kernel on cuda / rocm and the Mosaic kernel on tpu where `pallas_reason` accepts,
+  ``fallback(x, q)`` (same shape and dtype) everywhere else. The choice follows the platform
+  lowered for, not the default backend: a CPU-only machine exports the Triton kernel for
+  ``cuda`` and the Mosaic one for ``tpu``. One platform per export: jax 0.10.2 lowers every
+  kept branch for every platform of a multi-platform export, and a `pallas_call` lowers for
+  one backend only."""
+  out_dtype = jax.eval_shape(fallback, x, q).dtype
+  branches = {}
+  for platform, backend in (("cuda", "gpu"), ("rocm", "rocm"), ("tpu", "tpu")):
+    if pallas_reason(q, tuple(x.shape), backend, lhs_spec=lhs_spec) is None:
+      branches[platform] = functools.partial(
+        _matmul_on, backend=backend, lhs_spec=lhs_spec, out_dtype=out_dtype
+      )
+  return lax.platform_dependent(x, q, default=fallback, **branches)
+
+
+def _matmul_on(x, q, *, backend: str, lhs_spec, out_dtype) -> jax.Array:
+  return pallas_matmul(x, q, lhs_spec=lhs_spec, backend=backend, out_dtype=out_dtype)
