@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -35,9 +35,11 @@ from jaxquant.ptq.capture import (
   execution_order,
 )
 from jaxquant.ptq.chain import chain_blocks
+from jaxquant.ptq.distributed import gptq_columns
 from jaxquant.ptq.smooth import SmoothGroup
-from jaxquant.ptq.steps import RTN, capture_stats, merged
+from jaxquant.ptq.steps import GPTQ, RTN, capture_stats, merged
 from jaxquant.qarray import QArray
+from jaxquant.spec import QuantSpec
 from jaxquant.transforms import Plan, map_leaves, named_leaves, progress_bar, quantize_params
 
 PyTree = Any
@@ -57,6 +59,12 @@ class CalibrationSet:
     smoothing_groups: layers sharing one input and where their ``1/s`` folds
       (`smooth.SmoothGroup`); None: one group per layer, explicit input scales.
     block_pattern: the regex that cuts kernel paths into blocks (`capture.block_of`).
+    mesh: a `jax.sharding.Mesh` to calibrate on (None: one device): ``XᵀX`` and activation
+      maxima are accumulated per device on its share of every batch, split over
+      `data_axis`, and all-reduced once per layer; GPTQ solves the output columns in
+      ``mesh.shape[model_axis]`` slices, each process its own (`jaxquant.ptq.distributed`).
+      The results equal one device's up to the order of the float32 sums in ``XᵀX``.
+    data_axis, model_axis: the mesh axes the batches and the GPTQ columns split over.
   """
 
   model: Any
@@ -65,6 +73,15 @@ class CalibrationSet:
   output_fn: Callable | None = None
   smoothing_groups: Sequence[SmoothGroup] | None = None
   block_pattern: str = DEFAULT_BLOCK
+  mesh: Any = None
+  data_axis: str = "data"
+  model_axis: str = "model"
+
+  def column_parts(self) -> int:
+    """How many slices of output columns GPTQ solves apart (1 without a mesh)."""
+    if self.mesh is None or self.model_axis not in self.mesh.axis_names:
+      return 1
+    return int(self.mesh.shape[self.model_axis])
 
 
 @dataclasses.dataclass
@@ -131,7 +148,7 @@ def run(
       source = (data.model, current, data.batches, data.row_mask)
     else:  # the block alone on its cached inputs
       source = (chain.model(name), chain.params(current, name), chain.batches(), chain.row_mask())
-    stats = _capture(source, rules, block, mine, smoothers, quantizer, eligible)
+    stats = _capture(source, rules, block, mine, smoothers, quantizer, eligible, data)
     for smoother in smoothers:
       scales = {}
       weights = dict(named_leaves(current))
@@ -153,7 +170,11 @@ def run(
     for p in block:
       if p in eligible:
         need = quantizer.needs.kind
-        done[p], note = quantizer(weights[p], stats[need][p], specs[p])
+        if isinstance(quantizer, GPTQ) and data.column_parts() > 1:
+          h, parts, spec = stats[need][p]["h"], data.column_parts(), cast(QuantSpec, specs[p])
+          done[p], note = gptq_columns(np.asarray(weights[p]), h, spec, quantizer, parts)
+        else:
+          done[p], note = quantizer(weights[p], stats[need][p], specs[p])
         if note:
           info[quantizer.name][p] = note
       else:  # smoothed, but not the quantizer's to take
@@ -178,7 +199,7 @@ def _groups(given, order: Sequence[str], specs: dict) -> list[SmoothGroup]:
 
 
 def _capture(
-  source: tuple, rules, block, groups, smoothers, quantizer, eligible
+  source: tuple, rules, block, groups, smoothers, quantizer, eligible, data: CalibrationSet
 ) -> dict[str, dict]:
   """``{stat kind: {path: statistics}}`` for the block: the smoothers' on each group's first
   layer, the quantizer's on the layers it takes; `source` is ``(model, params, batches,
@@ -193,7 +214,9 @@ def _capture(
   out: dict[str, dict] = {}
   for request in requests:
     paths = [p for p in block if p in wanted.get(request.kind, ())]
-    out[request.kind] = capture_stats(model, params, rules, batches, request, paths, row_mask)
+    out[request.kind] = capture_stats(
+      model, params, rules, batches, request, paths, row_mask, data.mesh, data.data_axis
+    )
   return out
 
 

@@ -26,7 +26,7 @@ from typing import Any, ClassVar, Literal, Protocol
 import numpy as np
 
 from jaxquant.numerics import quantize, quantize_float_zero
-from jaxquant.ptq import smooth
+from jaxquant.ptq import distributed, smooth
 from jaxquant.ptq.capture import (
   RowMask,
   activation_observer,
@@ -229,11 +229,24 @@ def capture_stats(
   request: StatRequest,
   paths: Sequence[str],
   row_mask: RowMask | None = None,
+  mesh: Any = None,
+  data_axis: str = "data",
 ) -> dict[str, dict]:
   """``{path: statistics}`` of the inputs of the layers `paths` (see `StatRequest`), from one
-  float forward over `batches` with `params` (calibrate mode)."""
+  float forward over `batches` with `params` (calibrate mode). With a `mesh`, ``hessian`` and
+  ``act_absmax`` are accumulated per device on its share of every batch (split over
+  `data_axis`) and all-reduced once per layer (`jaxquant.ptq.distributed`)."""
   if not paths:
     return {}
+  if mesh is not None and request.kind in ("hessian", "act_absmax"):
+    observer = (hessian_observer if request.kind == "hessian" else activation_observer)(paths)
+    acc = distributed.sharded_capture(
+      model, params, rules, batches, observer, mesh, data_axis, row_mask
+    )
+    host = {p: {k: distributed.local_value(v) for k, v in a.items()} for p, a in acc.items()}
+    if request.kind == "hessian":
+      return {p: {"h": a["h"], "n": float(a["n"])} for p, a in host.items()}
+    return host
   if request.kind == "hessian":
     acc = capture(model, params, rules, batches, hessian_observer(paths), row_mask)
     return {p: {"h": np.asarray(acc[p]["h"]), "n": float(acc[p]["n"])} for p in acc}
