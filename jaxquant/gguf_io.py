@@ -23,6 +23,7 @@ Nibble order: value ``j < 16`` of a block is the low nibble of byte ``j``, ``j +
 from __future__ import annotations
 
 import dataclasses
+import mmap
 import os
 from pathlib import Path
 from typing import Any
@@ -96,6 +97,17 @@ def read_gguf(path: str | os.PathLike) -> GGUFFile:
     shape = tuple(int(d) for d in reversed(t.shape.tolist()))
     tensors[t.name] = GGUFTensor(t.name, t.tensor_type.name, shape, t.data)
   return GGUFFile(path, metadata, tensors, types)
+
+
+def release_pages(file: GGUFFile) -> None:
+  """Drops the pages of `file`'s memory map from this process's resident set (they stay in the
+  page cache and are read again on the next access), so reading a large file tensor by tensor
+  keeps the RSS at one tensor rather than growing to the file's size."""
+  for t in file.tensors.values():
+    mapping = getattr(t.data, "_mmap", None) or getattr(t.data.base, "_mmap", None)
+    if isinstance(mapping, mmap.mmap):
+      mapping.madvise(mmap.MADV_DONTNEED)
+    return  # one mapping holds every tensor
 
 
 def to_float(t: GGUFTensor) -> np.ndarray:

@@ -23,7 +23,7 @@ import numpy as np
 
 from jaxquant import io
 from jaxquant.apps.models import llama
-from jaxquant.gguf_io import to_float
+from jaxquant.gguf_io import release_pages, to_float
 from jaxquant.interop import LazyParams, nest, safetensors_files, torch_to_flax_name
 from jaxquant.io import LeafQuantizer, SafetensorsFile, round_to_nearest
 from jaxquant.ptq.steps import RTN
@@ -156,7 +156,8 @@ def convert(
 # --------------------------------------------------------------------------- streamed sources
 def lazy_gguf_params(path: str) -> tuple[llama.LlamaConfig, LazyParams]:
   """The float params `llama.load_gguf` gives, unread: the file is memory-mapped and each
-  tensor dequantized (Q/K rows reordered, kernels transposed) only when asked."""
+  tensor dequantized (Q/K rows reordered, kernels transposed) only when asked, its pages then
+  released from the resident set (`gguf_io.release_pages`)."""
   file = llama.gguf_file(path)
   cfg = llama.LlamaConfig.from_gguf(file.metadata, file.tensors)
   names = {llama.gguf_param_path(n): n for n in file.tensors}
@@ -173,7 +174,9 @@ def lazy_gguf_params(path: str) -> tuple[llama.LlamaConfig, LazyParams]:
     rows = llama.gguf_rows(cfg, name)
     if rows is not None:
       w = w[rows]
-    return np.ascontiguousarray(w.T) if target.endswith("kernel") else w
+    w = np.array(w.T if target.endswith("kernel") else w, order="C")  # a copy, off the map
+    release_pages(file)
+    return w
 
   return cfg, LazyParams(nest(shapes, path), read)
 
