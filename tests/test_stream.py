@@ -179,6 +179,18 @@ def test_the_cli_streams_data_free_recipes_into_a_normal_checkpoint(tmp_path):
   assert all(e["rel_error"] > 0 for e in report["errors"].values())
 
 
+def test_the_cli_streams_a_gguf_model_like_the_loaded_one(tmp_path):
+  _tiny_gguf(tmp_path / "t.gguf")
+  out = tmp_path / "q"
+  argv = ["quantize", "--model", str(tmp_path / "t.gguf"), "--recipe", "w8", "--out", str(out)]
+  assert main(argv) == 0
+  _, params = llama.load_gguf(tmp_path / "t.gguf")
+  want = io.save(
+    tmp_path / "want.safetensors", jq.apply_recipe(jq.load_recipe("w8"), params).qparams
+  )
+  _same_checkpoint(want, out / io.DEFAULT_FILENAME)
+
+
 PROBE = """
 import sys
 import numpy as np, jax, jaxquant as jq
