@@ -11,6 +11,10 @@ tensor, never a silently different tree.
 Writes go to one temporary file beside the target (``.NAME.PID.XXXXXXXX.tmp``), synced and
 renamed into place, so readers see the old file or the whole new one; a failed save removes its
 temporary, and the next save of the same target removes those left by a killed process.
+
+`save_streamed` writes the same file from leaves made one at a time (`quantize_streamed`:
+read, quantize and write tensor by tensor, memory one tensor); `save_orbax` / `load_orbax` keep
+sharded trees (multi-process too) as Orbax checkpoints, restored straight into other shardings.
 """
 
 from __future__ import annotations
