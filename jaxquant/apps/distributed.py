@@ -53,7 +53,7 @@ TINY = {
 #: The default recipe: GPTQ to 4-bit codes in groups of 32 (absmax scales: quick to search).
 TINY_RECIPE = Recipe(
   "tiny-gptq",
-  (Rule(r"(^|/)embed_tokens/", weight=None), Rule(".*", weight="int4:g32")),
+  (Rule(r"(^|/)embed_tokens/", weight=None, expect_match=False), Rule(".*", weight="int4:g32")),
   "GPTQ, int4 groups of 32, for the launcher's tiny model",
   (("gptq", {"block_size": 32}),),
 )
