@@ -163,6 +163,7 @@ def test_the_cli_streams_data_free_recipes_into_a_normal_checkpoint(tmp_path):
   src = tmp_path / "src.safetensors"
   safetensors.numpy.save_file(_flax_tensors(), src)
   out = tmp_path / "q"
+  assert main(["plan", "--model", str(src), "--recipe", "w4g64"]) == 0  # shapes only
   assert main(["quantize", "--model", str(src), "--recipe", "w4g64", "--out", str(out)]) == 0
   want = io.save(
     tmp_path / "want.safetensors",

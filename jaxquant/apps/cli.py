@@ -154,7 +154,11 @@ def _plan_for(args) -> tuple[dict, transforms.Plan, Recipe]:
 
 
 def cmd_plan(args) -> int:
-  _, plan, _ = _plan_for(args)
+  recipe = load_recipe(args.recipe)
+  if args.model != "minilm" and convert.streamable(recipe):  # shapes only: nothing is read
+    _, plan = _lazy_plan(args, recipe)
+  else:
+    _, plan, _ = _plan_for(args)
   console.print(plan_table(plan, title="plan (dry run)", only_quantized=not args.all))
   console.print(plan.summary())
   return 0
@@ -240,15 +244,21 @@ def _squared_sums(w: jax.Array, q) -> tuple[jax.Array, jax.Array]:
   return jnp.sum(x * x), jnp.sum(e * e)
 
 
+def _lazy_plan(args, recipe: Recipe) -> tuple[interop.LazyParams, transforms.Plan]:
+  """The unread ``--model`` and the recipe's checked plan of its shapes (nothing is read)."""
+  lazy, described = _lazy_source(args.model, args.layout)
+  plan = transforms.plan(lazy.shapes, recipe.rules)
+  plan.check()
+  console.print(f"[bold]model[/] {described}\n[bold]recipe[/] {recipe.name}: {recipe.description}")
+  return lazy, plan
+
+
 def _quantize_streamed(args, out: Path, recipe: Recipe) -> int:
   """`jaxquant quantize` with a data-free recipe: the source is read, quantized and written
   one tensor at a time (`jaxquant.io.quantize_streamed`), so memory holds one tensor."""
   if args.calibration:  # a missing or empty file fails before any work, as for other recipes
     data.read_text(args.calibration, "--calibration")
-  lazy, described = _lazy_source(args.model, args.layout)
-  plan = transforms.plan(lazy.shapes, recipe.rules)
-  plan.check()
-  console.print(f"[bold]model[/] {described}\n[bold]recipe[/] {recipe.name}: {recipe.description}")
+  lazy, plan = _lazy_plan(args, recipe)
   errors: dict[str, dict[str, float]] = {}
 
   def on_leaf(path: str, w: np.ndarray, q) -> None:
