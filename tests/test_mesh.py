@@ -148,8 +148,12 @@ def test_memory_per_device_is_its_share():
   rules = [jq.Rule(".*", weight="int8")]
   out = transforms.quantized_shardings(placed, rules)
   compiled = jax.jit(lambda p: jq.quantize_params(p, rules), out_shardings=out)
-  stats = compiled.lower(placed).compile().memory_analysis()
+  executable = compiled.lower(placed).compile()
+  stats = executable.memory_analysis()
   q = compiled(placed)
+  hlo = executable.as_text()  # no resharding: only the scales' max over the split input axis
+  assert "all-gather" not in hlo and "all-to-all" not in hlo and "collective-permute" not in hlo
+  assert re.search(r"f32\[1,\d+\]\S* all-reduce\(", hlo)
   assert stats.argument_size_in_bytes == _device0_bytes(placed)
   n_out = len(jax.tree.leaves(q))  # plus one pointer per output in the result tuple
   assert _device0_bytes(q) <= stats.output_size_in_bytes <= _device0_bytes(q) + 8 * n_out
