@@ -78,7 +78,7 @@ def memory(spec: str, n_kernels: int = 8, size: int = 1024) -> dict:
 
 def allreduced() -> dict:
   """Bytes the one reduction of a calibration pass moves per layer of a tiny Llama."""
-  cfg = llama.LlamaConfig(**launcher.TINY)
+  cfg = launcher.TINY
   model = llama.Llama(cfg)
   tokens = np.zeros((8, 16), np.int32)
   params = launcher.random_params(model, tokens)

@@ -39,15 +39,7 @@ from jaxquant.recipes import Recipe, apply_recipe, load_recipe
 from jaxquant.rules import Rule
 
 #: The model every run quantizes: small enough to calibrate in seconds on CPU.
-TINY = {
-  "vocab": 64,
-  "dim": 32,
-  "layers": 1,
-  "heads": 4,
-  "kv_heads": 2,
-  "head_dim": 8,
-  "mlp": 64,
-}
+TINY = llama.LlamaConfig(vocab=64, dim=32, layers=1, heads=4, kv_heads=2, head_dim=8, mlp=64)
 
 
 #: The default recipe: GPTQ to 4-bit codes in groups of 32 (absmax scales: quick to search).
@@ -121,7 +113,7 @@ def worker(
       coordinator_address=coordinator, num_processes=processes, process_id=process_id
     )
   start = time.perf_counter()
-  cfg = llama.LlamaConfig(**TINY)
+  cfg = TINY
   model = llama.Llama(cfg)
   rng = np.random.default_rng(seed)
   data = [(rng.integers(0, cfg.vocab, (8, 16)).astype(np.int32),) for _ in range(batches)]
