@@ -36,6 +36,8 @@ from jax import export as jax_export
 
 from jaxquant import io
 from jaxquant._version import __version__
+from jaxquant.ops import cpu_kernels
+from jaxquant.ops.lowerings import lowering_scope
 
 PLATFORMS = ("cpu", "cuda", "tpu")
 KNOWN_PLATFORMS = ("cpu", "cuda", "rocm", "tpu")  # what jax.export lowers for
@@ -80,12 +82,23 @@ def lower(
 
   `inputs` are arrays or `jax.ShapeDtypeStruct`s (symbolic dims allowed); `fn` may already be
   jitted. Runs on any machine: lowering for CUDA or TPU needs no such device.
+
+  Traced without the compiled CPU kernels (`lowering_scope(kernels=False)`), so the artifact
+  is pure XLA and runs wherever jax does. A trace of `fn` that jax cached earlier with the
+  kernels may still be reused; its CPU lowering then calls them, and `load_exported`
+  registers them (the safety check is lifted for those two targets, no other).
   """
   # `fn` with a `lower` method is already jitted (a `jax.stages.Wrapped`)
   platforms = check_platforms(platforms)
   jitted = cast(jax.stages.Wrapped, fn) if hasattr(fn, "lower") else jax.jit(fn)
   shapes = [x if isinstance(x, jax.ShapeDtypeStruct) else _abstract(x) for x in inputs]
-  return jax_export.export(jitted, platforms=platforms)(_abstract(variables), *shapes)
+  checks = [
+    jax_export.DisabledSafetyCheck.custom_call(t)
+    for t in (cpu_kernels.WQ_TARGET, cpu_kernels.INT8_TARGET)
+  ]
+  with lowering_scope(kernels=False):
+    exported = jax_export.export(jitted, platforms=platforms, disabled_checks=checks)
+    return exported(_abstract(variables), *shapes)
 
 
 def _describe(x: jax.core.ShapedArray) -> dict:
@@ -182,6 +195,7 @@ def load_exported(path: str | os.PathLike) -> Served:
       "`jaxquant export` or jaxquant.export.export_serve."
     )
   manifest = json.loads((path / MANIFEST).read_text())
+  cpu_kernels.available()  # registers the CPU kernels an artifact's CPU lowering may call
   exported = jax_export.deserialize(bytearray((path / PROGRAM).read_bytes()))
   variables = io.load(path / PARAMS)
   # in_tree is ((variables, *inputs), kwargs). jaxlib ships no type stubs for PyTreeDef.

@@ -10,7 +10,16 @@ from jax import export
 
 import jaxquant as jq
 from jaxquant import flax as jqf
+from jaxquant import ops
 from jaxquant.flax import nnx as jqn
+
+
+@pytest.fixture(autouse=True)
+def _xla_lowerings():
+  """These tests pin XLA's own integer lowerings; the kernels are tested in test_cpu_kernels."""
+  with ops.lowering_scope(kernels=False):
+    yield
+
 
 RULES = [
   jq.Rule("conv", weight="int8", act="int8:tensor"),

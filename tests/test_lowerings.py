@@ -12,6 +12,14 @@ import jaxquant as jq
 from jaxquant import ops
 from tests.reference import ref_quantize
 
+
+@pytest.fixture(autouse=True)
+def _xla_lowerings():
+  """These tests pin XLA's own lowerings; the compiled kernels are tested in test_cpu_kernels."""
+  with ops.lowering_scope(kernels=False):
+    yield
+
+
 DENSE = (((1,), (0,)), ((), ()))
 
 

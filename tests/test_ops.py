@@ -9,6 +9,14 @@ from jax import export
 import jaxquant as jq
 from jaxquant import ops
 
+
+@pytest.fixture(autouse=True)
+def _xla_lowerings():
+  """These tests pin XLA's own lowerings; the compiled kernels are tested in test_cpu_kernels."""
+  with ops.lowering_scope(kernels=False):
+    yield
+
+
 DENSE = (((2,), (0,)), ((), ()))
 
 

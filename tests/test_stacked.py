@@ -10,8 +10,17 @@ from flax import nnx
 
 import jaxquant as jq
 from jaxquant import flax as jqf
+from jaxquant import ops
 from jaxquant.flax import nnx as jqn
 from jaxquant.ops import explain, qdot_general
+
+
+@pytest.fixture(autouse=True)
+def _xla_lowerings():
+  """These tests pin XLA's own integer lowerings; the kernels are tested in test_cpu_kernels."""
+  with ops.lowering_scope(kernels=False):
+    yield
+
 
 DENSE = (((1,), (0,)), ((), ()))
 STACK_SPECS = [

@@ -26,7 +26,7 @@ import numpy as np
 
 import jaxquant as jq
 from jaxquant import ops
-from jaxquant.ops import lowerings
+from jaxquant.ops import cpu_kernels, lowerings
 
 DENSE = (((1,), (0,)), ((), ()))
 SHAPES = ((4096, 4096), (4096, 14336))
@@ -52,6 +52,11 @@ def _ours(w: jax.Array, x: jax.Array) -> list[Variant]:
   def qdot(lhs_spec=None, lowering=None):
     return jax.jit(lambda x, q: ops.qdot_general(x, q, DENSE, lhs_spec=lhs_spec, lowering=lowering))
 
+  def default(fmt, q, lhs_spec=None):
+    """The documented path, no extra call: what `explain` picks for this shape."""
+    name = ops.explain(x, q, DENSE, lhs_spec).name
+    return Variant(fmt, f"default: {name}", qdot(lhs_spec), q, True)
+
   out = [
     Variant("f32", "float32 dot", jax.jit(lambda x, w: x @ w), w, True),
     Variant(
@@ -61,13 +66,15 @@ def _ours(w: jax.Array, x: jax.Array) -> list[Variant]:
       w.astype(jnp.bfloat16),
       True,
     ),
-    Variant("w8a8", "int8, [in,out] codes", qdot("int8:token"), q8, True),
-    Variant("w8a8", "int8, [out,in] codes", qdot("int8:token"), q8m),
+    default("w8a8", q8, "int8:token"),
+    Variant("w8a8", "XLA int8, [in,out] codes", qdot("int8:token", "int8"), q8),
+    Variant("w8a8", "XLA int8, [out,in] codes", qdot("int8:token", "int8"), q8m),
     Variant("w8a8", "dequant", qdot("int8:token", "dequant"), q8),
-    Variant("w8", "dequant", qdot(), q8, True),
-    Variant("w8", "int8 dynamic acts, [in,out]", qdot(None, "int8"), q8),
-    Variant("w8", "int8 dynamic acts, [out,in]", qdot(None, "int8"), q8m),
-    Variant("w4", "dequant", qdot(), q4, True),
+    default("w8", q8),
+    Variant("w8", "dequant", qdot(None, "dequant"), q8),
+    Variant("w8", "XLA int8 dynamic acts, [out,in]", qdot(None, "int8"), q8m),
+    default("w4", q4),
+    Variant("w4", "dequant", qdot(None, "dequant"), q4),
   ]
   groups = w.shape[0] // 128
   if m * groups <= 4 * lowerings.W4A8_MAX_ROWS:  # block-diagonal rows grow with groups
@@ -255,6 +262,7 @@ def run(
     "machine": platform.processor() or platform.machine(),
     "repeats": repeats,
     "load_average": os.getloadavg(),
+    "cpu_kernels": cpu_kernels.available(),
     "explain": {m: explain_rows(4096, m) for m in row_counts},
   }
   try:
@@ -267,7 +275,12 @@ def run(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench_ops.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    cpu = cpu_description()
+    meta["cpu"] = cpu
+    flags = ", ".join(f"{f} {'yes' if on else 'no'}" for f, on in cpu["flags"].items())
     head = (
+      f"CPU: {cpu['model']} ({flags}); compiled CPU kernels: "
+      f"{'built' if meta['cpu_kernels'] else 'not built'}.\n"
       f"jax {meta['jax']} on {meta['backend']} ({meta['cpus']} cores), qwix "
       f"{meta['qwix']}; median of {repeats} interleaved rounds; × vs f32 = f32 median / "
       "median (higher is faster); (auto) = the library's default lowering for that "

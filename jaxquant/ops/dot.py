@@ -37,6 +37,7 @@ from jaxquant.numerics import (
   quantize,
   quantize_along,
 )
+from jaxquant.ops import cpu_kernels as ck
 from jaxquant.ops import lowerings as low
 from jaxquant.ops.fake_int8 import ste_int8_dot_general, ste_int8_reason
 from jaxquant.qarray import QArray
@@ -52,10 +53,12 @@ DotDims = tuple[tuple[tuple[int, ...], tuple[int, ...]], tuple[tuple[int, ...], 
 class Lowering:
   """The chosen way to compute a quantized contraction."""
 
-  name: Literal["int8", "int8-ste", "w4a8", "dequant", "float"]
+  name: Literal["kernel", "int8", "int8-ste", "w4a8", "dequant", "float"]
   reason: str
   pad_rows: int = 0  # zero rows added before the integer dot (XLA:CPU's slow 1-row path)
   activations: str | None = None  # int8 activation spec of the integer paths ("dynamic" added)
+  # ``kernel`` only: int8 activations (W8A8, `cpu_kernels.int8_matmul`) or float ones
+  # (weight-only, `cpu_kernels.weight_only_matmul`)
 
   def __str__(self) -> str:
     pad = f" [+{self.pad_rows} row pad]" if self.pad_rows else ""
@@ -134,6 +137,41 @@ def choose_lowering(
   return _choose_serve(lhs_ndim, rhs, dims, lhs_spec, lhs_shape, lowering, backend)
 
 
+def _kernel_choice(
+  lhs_ndim, rhs: QArray, dims, lhs_spec, dynamic: bool, backend: str
+) -> tuple[str | None, str]:
+  """``(int8 activation spec or None for weight-only, why not)`` for the compiled CPU kernels;
+  ``why not`` is '' when one applies."""
+  (_, rc), _ = dims
+  if backend != "cpu":
+    return None, f"the compiled kernels run on CPU, not {backend}"
+  if not low.is_dense(lhs_ndim, rhs.ndim, dims) or rc != (0,):
+    return None, "the compiled kernels take a Dense contraction [..., K] x [K, N]"
+  if not ck.available():
+    return None, ck.unavailable_reason()
+  if lhs_spec is None:
+    if dynamic and _int8_weights_reason(rhs, rc) is None and ck.int8_reason(rhs) is None:
+      return f"{low.DYNAMIC_INT8} (dynamic)", ""
+    return None, ck.weight_only_reason(rhs) or ""
+  why = low.int8_act_reason(lhs_spec) or _int8_weights_reason(rhs, rc) or ck.int8_reason(rhs)
+  return str(lhs_spec), why or ""
+
+
+def _kernel_lowering(rhs: QArray, act: str | None) -> Lowering:
+  if act is None:
+    return Lowering(
+      "kernel",
+      f"compiled CPU kernel {ck.WQ_TARGET}: {rhs.spec} codes read once in their stored "
+      "[in, out] layout and widened in registers (float activations, exact scales)",
+    )
+  return Lowering(
+    "kernel",
+    f"compiled CPU kernel {ck.INT8_TARGET}: i8 x i8 summed exactly in int32 on the stored "
+    f"[in, out] codes, rescaled by {act} x {rhs.spec}",
+    activations=act,
+  )
+
+
 def _choose_serve(lhs_ndim, rhs: QArray, dims, lhs_spec, lhs_shape, force, backend) -> Lowering:
   """Serve mode with quantized weights: integer lowerings where they apply and pay."""
   (_, rc), _ = dims
@@ -142,6 +180,14 @@ def _choose_serve(lhs_ndim, rhs: QArray, dims, lhs_spec, lhs_shape, force, backe
   backend = backend or jax.default_backend()
   if force in ("dequant", "float"):
     return Lowering("dequant", f"forced: {rhs.spec} weights dequantized in the graph")
+  dense = low.is_dense(lhs_ndim, rhs.ndim, dims)
+  rows = low.flat_rows(lhs_shape) if lhs_shape is not None and dense else None
+  if force == "kernel" or (force is None and opts.kernels):
+    k_act, k_why = _kernel_choice(lhs_ndim, rhs, dims, lhs_spec, opts.dynamic_int8, backend)
+    if force == "kernel" and k_why:
+      raise ValueError(f"lowering='kernel' cannot apply: {k_why}.")
+    if not k_why and (force == "kernel" or rows is None or rows <= low.KERNEL_MAX_ROWS):
+      return _kernel_lowering(rhs, k_act)
   dynamic = lhs_spec is None and (force in ("int8", "w4a8") or opts.dynamic_int8)
   act = low.DYNAMIC_INT8 if dynamic else lhs_spec
   if act is None:
@@ -150,8 +196,6 @@ def _choose_serve(lhs_ndim, rhs: QArray, dims, lhs_spec, lhs_shape, force, backe
   act_why = low.int8_act_reason(act)
   int8_why = act_why or _int8_weights_reason(rhs, rc)
   w4_why = act_why or low.w4a8_reason(rhs, lhs_ndim, dims)
-  dense = low.is_dense(lhs_ndim, rhs.ndim, dims)
-  rows = low.flat_rows(lhs_shape) if lhs_shape is not None and dense else None
   pad = low.row_pad(rows, backend) if rows is not None else 0
   groups = rhs.shape[rc[0]] // rhs.spec.group_size if rhs.spec.granularity == "group" else 1
   if force == "int8" and int8_why:
@@ -245,6 +289,9 @@ def qdot_general(
     out = ste_int8_dot_general(lhs, jnp.asarray(rhs), dims, lhs_q, rhs_q, axes, lhs_scale)
     return out.astype(out_dtype)
 
+  if chosen.name == "kernel":  # `_choose_serve` picks it only for QArray weights
+    return _kernel_dot(lhs, cast(QArray, rhs), dims, chosen, lhs_spec, lhs_scale).astype(out_dtype)
+
   if chosen.name in ("w4a8", "int8"):  # int8 activations: static scale, or dynamic
     # `_choose_serve` picks the integer lowerings only for QArray weights
     q_rhs = cast(QArray, rhs)
@@ -268,6 +315,31 @@ def qdot_general(
     x, w.astype(x.dtype), dims, precision=precision, preferred_element_type=preferred_element_type
   )
   return out.astype(out_dtype)
+
+
+def _kernel_dot(
+  lhs: jax.Array, q: QArray, dims, chosen: Lowering, lhs_spec, lhs_scale
+) -> jax.Array:
+  """A Dense contraction ``lhs [..., K] · q [K, N]`` by the compiled CPU kernels (pure-XLA
+  lowerings on other platforms), float32 ``[..., N]``."""
+  lead, k, n = lhs.shape[:-1], lhs.shape[-1], q.shape[1]
+  if chosen.activations is None:
+    x = lhs.reshape(-1, k).astype(jnp.float32)
+    y = ck.weight_only_matmul(x, q, lambda: jnp.dot(x, dequantize(q, jnp.float32)))
+    return y.reshape(lead + (n,))
+  act = lhs_spec or low.DYNAMIC_INT8
+  q_lhs, s_lhs, _ = quantize_along(
+    lhs, act, activation_axes(act, lhs.ndim, (lhs.ndim - 1,)), scale=lhs_scale if lhs_spec else None
+  )
+  s_rows = jnp.broadcast_to(jnp.asarray(s_lhs, jnp.float32), lead + (1,)).reshape(-1)
+  s_rhs = cast(jax.Array, q.scale)
+
+  def fallback() -> jax.Array:
+    acc = low.int8_dot(q_lhs, q, dims, 0)
+    return low.rescale(acc, s_lhs, s_rhs, tuple(lhs.shape), 2, dims).reshape(-1, n)
+
+  y = ck.int8_matmul(q_lhs.reshape(-1, k), s_rows, q, fallback)
+  return y.reshape(lead + (n,))
 
 
 def float_weights(rhs, rhs_spec: QuantSpec | None, dtype) -> jax.Array:

@@ -20,6 +20,10 @@ Lowerings (`Lowering.name`):
   activations are spread block-diagonally, one row per (token, group), so a single dot yields
   the int32 sum of every group, ``out = s_x Σ_g s_g (acc_g − z_g Σ_{k∈g} q_x)``. That costs
   ``groups ×`` the rows, so it is chosen for few tokens only.
+* ``kernel``: the compiled CPU kernels (`jaxquant.ops.cpu_kernels`, XLA FFI) on the stored
+  ``[in, out]`` codes: weight-only int8 / 4-bit (float activations, exact group scales and
+  zero points) and W8A8 (exact int32 sums). Chosen on CPU for up to `KERNEL_MAX_ROWS` rows
+  when the library is built; a pure-XLA lowering everywhere else.
 * ``dequant`` / ``float``: weights dequantized in the graph, float dot.
 """
 
@@ -40,11 +44,14 @@ from jaxquant.packing import pack_4bit
 from jaxquant.qarray import QArray, codes
 from jaxquant.spec import QuantSpec
 
-LOWERINGS = ("int8", "w4a8", "dequant", "float")
+LOWERINGS = ("kernel", "int8", "w4a8", "dequant", "float")
 #: Rows × groups up to which `w4a8` with group scales is chosen automatically (block-diagonal
 #: activations make its dot ``groups ×`` taller; beyond this dequantization was faster).
 W4A8_MAX_ROWS = 512
 DYNAMIC_INT8 = QuantSpec.parse("int8:token")
+#: Rows (tokens) up to which the compiled CPU kernels are chosen automatically (decode and
+#: short prompts; `experiments/bench_ops.py` measures where XLA's own dots take over).
+KERNEL_MAX_ROWS = 64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +60,7 @@ class Options:
 
   force: str | None = None
   dynamic_int8: bool = False
+  kernels: bool = True
 
 
 _DEFAULT_OPTIONS = Options()  # frozen: safe to share as the default
@@ -66,7 +74,9 @@ def current_options() -> Options:
 
 
 @contextlib.contextmanager
-def lowering_scope(force: str | None = None, *, dynamic_int8: bool | None = None):
+def lowering_scope(
+  force: str | None = None, *, dynamic_int8: bool | None = None, kernels: bool | None = None
+):
   """Sets how every `qdot_general` traced inside the scope lowers.
 
   Args:
@@ -75,6 +85,8 @@ def lowering_scope(force: str | None = None, *, dynamic_int8: bool | None = None
     dynamic_int8: serve weight-only int8 / 4-bit weights with activations quantized to int8
       per token on the fly (``int8`` W8A8-dynamic, ``w4a8``) where that is faster. Changes the
       numerics (activation rounding), hence opt-in.
+    kernels: whether automatic choices may take the compiled CPU kernels (``kernel``; see
+      `jaxquant.ops.cpu_kernels`). False keeps every graph pure XLA (portable artifacts).
   """
   old = _OPTIONS.get()
   if force is not None and force not in LOWERINGS:
@@ -82,6 +94,7 @@ def lowering_scope(force: str | None = None, *, dynamic_int8: bool | None = None
   new = Options(
     force if force is not None else old.force,
     old.dynamic_int8 if dynamic_int8 is None else dynamic_int8,
+    old.kernels if kernels is None else kernels,
   )
   token = _OPTIONS.set(new)
   try:
