@@ -26,8 +26,8 @@ def _rule(mesh) -> io.LeafSharding:
 
 
 def _tree() -> dict:
-  """int8 per channel, int4 groups with zero points (packed), a stack of layers, a kernel stored
-  contraction-minor (`perm`), bf16 and int32 leaves."""
+  """int8 per channel, int4 groups with zero points (packed), a kernel stored contraction-minor
+  (`perm`), bf16 and int32 leaves."""
   rng = np.random.default_rng(0)
   w = rng.standard_normal((64, 128), np.float32)
   q8 = jq.quantize(w, "int8")
@@ -37,7 +37,6 @@ def _tree() -> dict:
       {"kernel": jq.quantize(w, "int4:g32:asym"), "norm": jnp.asarray(w[1], jnp.bfloat16)},
     ],
     "served": serving_layout({"kernel": q8})["kernel"],
-    "stack": jq.quantize(w.reshape(2, 32, 128), "int8", batch_dims=1),
     "step": jnp.asarray(7, jnp.int32),
   }
 

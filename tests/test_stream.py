@@ -47,10 +47,14 @@ def _same_checkpoint(a, b) -> None:
     np.testing.assert_array_equal(np.asarray(x).view(np.uint8), np.asarray(y).view(np.uint8))
 
 
-@pytest.mark.parametrize("recipe", ["int8", "w4g64-hqq", "q4_1"])  # RTN, HQQ, float zero
+# Plain round to nearest is checked by the CLI, torch-layout and GGUF tests; q4_1 (float zero
+# points) takes the path of every recipe with its own quantizer (HQQ too; 7 s of compiling).
+@pytest.mark.parametrize("recipe", ["q4_1"])
 def test_streamed_quantize_writes_what_save_of_the_recipe_writes(tmp_path, recipe):
   src = tmp_path / "src.safetensors"
-  safetensors.numpy.save_file(_flax_tensors(), src)
+  tensors = _flax_tensors()
+  del tensors["layer_1.conv.kernel"]  # one compile less; 4-D kernels stream in the CLI test
+  safetensors.numpy.save_file(tensors, src)
   r = jq.load_recipe(recipe)
   want = io.save(
     tmp_path / "want.safetensors",
