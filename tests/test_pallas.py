@@ -10,6 +10,7 @@ import pytest
 from jax._src.pallas.triton import pallas_call_registration as registration
 
 from jaxquant.numerics import quantize_along
+from jaxquant.ops import explain, qdot_general
 from jaxquant.ops.pallas_gpu import EXPORT_CHECKS, gpu_reason, weight_only_matmul
 from jaxquant.ops.pallas_kernels import pallas_matmul, pallas_reason, portable_matmul
 from jaxquant.ops.pallas_tpu import PER_TOKEN_INT8, tpu_matmul, w8a8_matmul
@@ -110,7 +111,6 @@ def test_numpy_weights_are_jaxquant_qarrays():
 
 GPU_CASES = [  # spec, M, K, N, minor
   ("int8", 1, 128, 64, False),
-  ("int8", 5, 256, 192, True),
   ("int4:g32", 5, 128, 192, False),
   ("int4:g128", 16, 256, 64, True),
   ("uint4:g64:asym", 1, 256, 192, False),
@@ -275,3 +275,33 @@ def test_portable_matmul_picks_the_kernel_of_the_platform_lowered_for():
   assert found == {"cuda": (True, False), "tpu": (False, True), "cpu": (False, False)}
   xv = jnp.ones((3, 256), jnp.bfloat16)
   np.testing.assert_array_equal(np.asarray(f(xv, q)), np.asarray(fallback(xv, q)))
+
+
+# --------------------------------------------------------------------------- the serve path
+DENSE = (((1,), (0,)), ((), ()))
+
+
+def test_explain_names_the_pallas_kernels():
+  q4, q8 = _weights("int4:g128", 256, 256), _weights("int8", 256, 256)
+  x = jax.ShapeDtypeStruct((1, 256), jnp.bfloat16)
+  assert str(explain(x, q4, backend="gpu")).startswith("kernel: Pallas Triton kernel")
+  assert str(explain(x, q4, backend="tpu")).startswith("kernel: Pallas Mosaic kernel")
+  w8a8 = explain(x, q8, lhs_spec="int8:token", backend="tpu")
+  assert w8a8.name == "kernel" and "i8 x i8 -> i32 on the MXU" in w8a8.reason
+  assert explain(x, q8, lhs_spec="int8:token", backend="gpu").name == "int8"
+  assert explain(x, _weights("int8", 256, 24), backend="gpu").name == "dequant"
+
+
+@pytest.mark.parametrize(
+  "platform,spec,act", [("cuda", "int4:g128", None), ("tpu", "int8", "int8:token")]
+)
+def test_qdot_general_serves_through_the_pallas_kernels(platform, spec, act, monkeypatch):
+  """On a GPU (TPU) backend the serve path lowers to the Triton (Mosaic) kernel."""
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu" if platform == "cuda" else "tpu")
+  q = _weights(spec, 256, 256)
+  f = jax.jit(lambda x, q: qdot_general(x, q, DENSE, lhs_spec=act))
+  x = jax.ShapeDtypeStruct((3, 256), jnp.bfloat16)
+  exported = jax.export.export(f, platforms=(platform,), disabled_checks=EXPORT_CHECKS)(x, q)
+  target = "__gpu$xla.gpu.triton" if platform == "cuda" else "tpu_custom_call"
+  assert target in exported.mlir_module()
+  assert exported.out_avals[0].shape == (3, 256) and exported.out_avals[0].dtype == jnp.bfloat16

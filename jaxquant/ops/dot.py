@@ -39,6 +39,7 @@ from jaxquant.numerics import (
 )
 from jaxquant.ops import cpu_kernels as ck
 from jaxquant.ops import lowerings as low
+from jaxquant.ops import pallas_kernels as pk
 from jaxquant.ops.fake_int8 import ste_int8_dot_general, ste_int8_reason
 from jaxquant.qarray import QArray
 from jaxquant.spec import QuantSpec, SpecLike, as_spec
@@ -144,7 +145,7 @@ def _kernel_choice(
   ``why not`` is '' when one applies."""
   (_, rc), _ = dims
   if backend != "cpu":
-    return None, f"the compiled kernels run on CPU, not {backend}"
+    return _pallas_choice(lhs_ndim, rhs, dims, lhs_spec, dynamic, backend)
   if not low.is_dense(lhs_ndim, rhs.ndim, dims) or rc != (0,):
     return None, "the compiled kernels take a Dense contraction [..., K] x [K, N]"
   if not ck.available():
@@ -157,7 +158,24 @@ def _kernel_choice(
   return str(lhs_spec), why or ""
 
 
-def _kernel_lowering(rhs: QArray, act: str | None) -> Lowering:
+def _pallas_choice(
+  lhs_ndim, rhs: QArray, dims, lhs_spec, dynamic: bool, backend: str
+) -> tuple[str | None, str]:
+  """`_kernel_choice` on GPU and TPU: the Pallas kernels (`pallas_kernels`), whatever the rows."""
+  act = lhs_spec or (low.DYNAMIC_INT8 if dynamic and backend == "tpu" else None)
+  shape = (1,) * (lhs_ndim - 1) + (rhs.shape[0] if rhs.ndim else 1,)
+  why = pk.pallas_reason(rhs, shape, backend, dims, act)
+  return (None if act is None else f"{act}{'' if lhs_spec else ' (dynamic)'}"), why or ""
+
+
+def _kernel_lowering(rhs: QArray, act: str | None, backend: str = "cpu") -> Lowering:
+  if backend != "cpu":
+    if act is None:
+      how = f"weight-only {rhs.spec}: codes dequantized in the kernel, float32 sums"
+    else:
+      how = f"i8 x i8 -> i32 on the MXU, rescaled by {act} x {rhs.spec}"
+    tool = "Triton" if backend in pk.GPU_BACKENDS else "Mosaic"
+    return Lowering("kernel", f"Pallas {tool} kernel ({how})", activations=act)
   if act is None:
     return Lowering(
       "kernel",
@@ -187,7 +205,7 @@ def _choose_serve(lhs_ndim, rhs: QArray, dims, lhs_spec, lhs_shape, force, backe
     if force == "kernel" and k_why:
       raise ValueError(f"lowering='kernel' cannot apply: {k_why}.")
     if not k_why and (force == "kernel" or rows is None or rows <= low.KERNEL_MAX_ROWS):
-      return _kernel_lowering(rhs, k_act)
+      return _kernel_lowering(rhs, k_act, backend)
   dynamic = lhs_spec is None and (force in ("int8", "w4a8") or opts.dynamic_int8)
   act = low.DYNAMIC_INT8 if dynamic else lhs_spec
   if act is None:
@@ -321,8 +339,12 @@ def _kernel_dot(
   lhs: jax.Array, q: QArray, dims, chosen: Lowering, lhs_spec, lhs_scale
 ) -> jax.Array:
   """A Dense contraction ``lhs [..., K] · q [K, N]`` by the compiled CPU kernels (pure-XLA
-  lowerings on other platforms), float32 ``[..., N]``."""
+  lowerings on other platforms), or on a GPU / TPU backend by the Pallas kernels
+  (`pallas_kernels`), float32 ``[..., N]``."""
   lead, k, n = lhs.shape[:-1], lhs.shape[-1], q.shape[1]
+  if jax.default_backend() != "cpu":  # the backend `_choose_serve` chose for
+    act = None if chosen.activations is None else (lhs_spec or low.DYNAMIC_INT8)
+    return pk.pallas_matmul(lhs, q, lhs_spec=act, out_dtype=jnp.float32)
   if chosen.activations is None:
     x = lhs.reshape(-1, k).astype(jnp.float32)
     y = ck.weight_only_matmul(x, q, lambda: jnp.dot(x, dequantize(q, jnp.float32)))
