@@ -204,7 +204,8 @@ def _choose_serve(lhs_ndim, rhs: QArray, dims, lhs_spec, lhs_shape, force, backe
     k_act, k_why = _kernel_choice(lhs_ndim, rhs, dims, lhs_spec, opts.dynamic_int8, backend)
     if force == "kernel" and k_why:
       raise ValueError(f"lowering='kernel' cannot apply: {k_why}.")
-    if not k_why and (force == "kernel" or rows is None or rows <= low.KERNEL_MAX_ROWS):
+    limit = low.KERNEL_MAX_ROWS if k_act is None else low.KERNEL_MAX_ROWS_INT8
+    if not k_why and (force == "kernel" or rows is None or rows <= limit):
       return _kernel_lowering(rhs, k_act, backend)
   dynamic = lhs_spec is None and (force in ("int8", "w4a8") or opts.dynamic_int8)
   act = low.DYNAMIC_INT8 if dynamic else lhs_spec

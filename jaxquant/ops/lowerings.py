@@ -22,7 +22,7 @@ Lowerings (`Lowering.name`):
   ``groups ×`` the rows, so it is chosen for few tokens only.
 * ``kernel``: the compiled CPU kernels (`jaxquant.ops.cpu_kernels`, XLA FFI) on the stored
   ``[in, out]`` codes: weight-only int8 / 4-bit (float activations, exact group scales and
-  zero points) and W8A8 (exact int32 sums). Chosen on CPU for up to `KERNEL_MAX_ROWS` rows
+  zero points) and W8A8 (exact int32 sums). Chosen on CPU for up to `KERNEL_MAX_ROWS` rows (`KERNEL_MAX_ROWS_INT8` for W8A8)
   when the library is built; a pure-XLA lowering everywhere else.
 * ``dequant`` / ``float``: weights dequantized in the graph, float dot.
 """
@@ -49,9 +49,11 @@ LOWERINGS = ("kernel", "int8", "w4a8", "dequant", "float")
 #: activations make its dot ``groups ×`` taller; beyond this dequantization was faster).
 W4A8_MAX_ROWS = 512
 DYNAMIC_INT8 = QuantSpec.parse("int8:token")
-#: Rows (tokens) up to which the compiled CPU kernels are chosen automatically (decode and
-#: short prompts; `experiments/bench_ops.py` measures where XLA's own dots take over).
+#: Rows (tokens) up to which the compiled CPU kernels are chosen automatically: weight-only
+#: (decode and short prompts) and W8A8, whose XLA int8 dot wins from a few rows on
+#: (`experiments/bench_ops.py` measures both).
 KERNEL_MAX_ROWS = 64
+KERNEL_MAX_ROWS_INT8 = 4
 
 
 @dataclasses.dataclass(frozen=True)
