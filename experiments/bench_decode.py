@@ -7,8 +7,9 @@ a wider one whose weights dominate (dim 512, MLP 2048, 4 layers). For every weig
 steps) at batch 1 and 8: tokens/s is new tokens over the median wall time of a whole
 generation, all variants timed in interleaved rounds. Quality sanity check: the largest logit
 difference from the FP32 model with a float cache over a 64-byte sequence decoded through the
-cache. Quantized codes are stored contraction-minor (`jaxquant.ops.serving_layout`), the
-layout XLA:CPU's integer dot is fastest with. Writes experiments/results/bench_decode.{md,json}.
+cache. Quantized codes keep their stored layout for the compiled CPU kernels (without them,
+they are stored contraction-minor, `jaxquant.ops.serving_layout`, XLA:CPU's fastest).
+Writes experiments/results/bench_decode.{md,json}.
 
     python experiments/bench_decode.py [--quick] [--repeats 5] [--steps 128]
 """
@@ -35,7 +36,7 @@ from jaxquant.apps.models.decoder import (
   init_cache,
   make_generate,
 )
-from jaxquant.ops import serving_layout
+from jaxquant.ops import cpu_kernels, serving_layout
 from jaxquant.transforms import tree_nbytes
 
 RESULTS = Path(__file__).parent / "results"
@@ -60,7 +61,9 @@ def serving(cfg: DecoderConfig, params: dict, recipe: str):
   rules = RECIPES[recipe]
   if rules is None:
     return Decoder(cfg), {"params": params}, tree_nbytes(params)
-  qparams = serving_layout(jq.quantize_params(params, rules))  # contraction-minor codes
+  qparams = jq.quantize_params(params, rules)
+  if not cpu_kernels.available():  # XLA:CPU's integer dot is fastest with [out, in] codes
+    qparams = serving_layout(qparams)
   return jqf.quantize_model(Decoder(cfg), rules, "serve"), {"params": qparams}, tree_nbytes(qparams)
 
 

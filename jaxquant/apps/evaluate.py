@@ -18,7 +18,7 @@ import numpy as np
 from jaxquant.apps import data
 from jaxquant.apps.models import minilm
 from jaxquant.flax import quantize_model
-from jaxquant.ops import serving_layout
+from jaxquant.ops import cpu_kernels, serving_layout
 from jaxquant.ptq import CalibrationSet
 from jaxquant.recipes import Quantized, Recipe, apply_recipe, load_recipe
 from jaxquant.rules import Rule
@@ -164,8 +164,8 @@ def minilm_encoder(
     stats = calibrate_minilm(rules, dequantize_params(qparams), sentences)
   model = quantize_model(minilm.MiniLM(), rules, "serve", calibration=stats)
   total, kernels = _bytes(qparams)
-  if jax.default_backend() == "cpu":  # integer codes stored [out, in]: XLA:CPU's fast layout
-    qparams = serving_layout(qparams)
+  if jax.default_backend() == "cpu" and not cpu_kernels.available():
+    qparams = serving_layout(qparams)  # XLA:CPU's integer dot is fastest with [out, in] codes
   return Encoder(recipe.name, model.apply, {"params": qparams}, total, kernels)
 
 

@@ -31,7 +31,7 @@ from jaxquant.apps.evaluate import needs_calibration
 from jaxquant.apps.models import llama
 from jaxquant.apps.models.cache import CacheKind, init_cache, make_prefill_decode
 from jaxquant.flax import quantize_model
-from jaxquant.ops import serving_layout
+from jaxquant.ops import cpu_kernels, serving_layout
 from jaxquant.ptq import CalibrationSet
 from jaxquant.recipes import Quantized, Recipe, apply_recipe, load_recipe
 from jaxquant.rules import Rule
@@ -153,8 +153,8 @@ def language_model(
     stats = static_stats(cfg, rules, dequantize_params(qparams), batches)
   model = llama.Llama(cfg) if not rules else quantize_model(llama.Llama(cfg), rules, "serve", stats)
   total, kernels = weight_bytes(qparams)
-  if jax.default_backend() == "cpu":  # integer codes stored [out, in]: XLA:CPU's fast layout
-    qparams = serving_layout(qparams)
+  if jax.default_backend() == "cpu" and not cpu_kernels.available():
+    qparams = serving_layout(qparams)  # XLA:CPU's integer dot is fastest with [out, in] codes
   return LanguageModel(
     recipe.name, cfg, model, {"params": qparams}, tokenizer, total, kernels, tuple(rules),
     seconds, result,

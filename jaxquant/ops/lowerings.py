@@ -22,8 +22,8 @@ Lowerings (`Lowering.name`):
   ``groups ×`` the rows, so it is chosen for few tokens only.
 * ``kernel``: the compiled CPU kernels (`jaxquant.ops.cpu_kernels`, XLA FFI) on the stored
   ``[in, out]`` codes: weight-only int8 / 4-bit (float activations, exact group scales and
-  zero points) and W8A8 (exact int32 sums). Chosen on CPU for up to `KERNEL_MAX_ROWS` rows (`KERNEL_MAX_ROWS_INT8` for W8A8)
-  when the library is built; a pure-XLA lowering everywhere else.
+  zero points) and W8A8 (exact int32 sums). Chosen on CPU for up to `KERNEL_MAX_ROWS` rows
+  (`KERNEL_MAX_ROWS_INT8` for W8A8) when the library is built; pure XLA everywhere else.
 * ``dequant`` / ``float``: weights dequantized in the graph, float dot.
 """
 
