@@ -296,3 +296,19 @@ def test_llama_served_w8a8_on_a_2x4_mesh_gives_the_one_device_logits():
   got = compiled({"params": placed}, ts)
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
   assert len(_int8_dots(compiled.as_text())) >= 7  # q, k, v, o, gate, up, down
+
+
+def test_weight_only_dense_serves_close_to_one_device():
+  """Weight-only int4: the row-parallel layer sums float partial products per device, then
+  across devices, in another order than one device does: equal to float32 rounding."""
+  mesh = make_mesh((2, 4))
+  rules = [jq.Rule(".*", weight="int4:g16")]
+  x = jax.random.normal(jax.random.key(1), (8, 16, 32))
+  params = _MLP().init(jax.random.key(0), x)["params"]
+  q = jq.quantize_params(params, rules)
+  served = jax.jit(quantize_model(_MLP(), rules).apply)
+  want = served({"params": q}, x)
+  placed = jax.device_put(q, transforms.param_shardings(q, mesh, AXIS_RULES))
+  got = served({"params": placed}, jax.device_put(x, NamedSharding(mesh, P("data"))))
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+  assert placed["down"]["kernel"].value.values.sharding.spec == P("model", None)
