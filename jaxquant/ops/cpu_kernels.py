@@ -14,7 +14,10 @@ them in registers:
 
 Both take the codes in the stored layout of `quantize` (``[in, out]``, no `serving_layout`
 needed), run on XLA's intra-op thread pool, and are wrapped in `lax.platform_dependent`, so a
-graph that uses them still lowers (to the pure-XLA path) for GPU and TPU. When the library is
+graph that uses them still lowers (to the pure-XLA path) for GPU and TPU. XLA cannot partition
+them: under a mesh set with `jax.set_mesh` the lowering choice skips them, and a jitted
+function whose operands are sharded without one should run under
+`lowering_scope(kernels=False)` (otherwise XLA gathers the weights). When the library is
 not built (`available` is False, `unavailable_reason` says why) or ``JAXQUANT_CPU_KERNELS=0``,
 callers fall back to the XLA lowerings.
 """

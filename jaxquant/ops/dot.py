@@ -141,9 +141,11 @@ def choose_lowering(
 def _kernel_choice(
   lhs_ndim, rhs: QArray, dims, lhs_spec, dynamic: bool, backend: str
 ) -> tuple[str | None, str]:
-  """``(int8 activation spec or None for weight-only, why not)`` for the compiled CPU kernels;
-  ``why not`` is '' when one applies."""
+  """``(int8 activation spec or None for weight-only, why not)`` for the compiled CPU kernels
+  (the Pallas ones off CPU); ``why not`` is '' when one applies."""
   (_, rc), _ = dims
+  if not jax.sharding.get_abstract_mesh().empty:
+    return None, "under a mesh (jax.set_mesh): the kernels are not partitioned"
   if backend != "cpu":
     return _pallas_choice(lhs_ndim, rhs, dims, lhs_spec, dynamic, backend)
   if not low.is_dense(lhs_ndim, rhs.ndim, dims) or rc != (0,):
