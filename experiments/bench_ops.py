@@ -9,7 +9,7 @@ Writes experiments/results/bench_ops.{md,json,png} (same as `jaxquant bench`).
 import argparse
 from pathlib import Path
 
-from jaxquant import bench
+from jaxquant.apps import bench
 
 if __name__ == "__main__":
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])

@@ -55,6 +55,7 @@ def test_gptq_checkpoint_round_trip_through_the_cli(tmp_path, monkeypatch):
   assert gptq > rtn + 0.01
 
 
+@pytest.mark.slow  # 40 s; the selector's exact knapsack and budgets: tests/test_mixed.py
 def test_mixed_precision_chooses_widths_under_the_budget(params):
   recipe = load_recipe("mixed:avg_bits=5")
   batches = evaluate.minilm_batches(data.calibration_sentences(32), batch_size=16)
