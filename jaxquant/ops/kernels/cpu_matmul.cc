@@ -222,8 +222,19 @@ __attribute__((target("avx2,fma"))) void StreamRows(const WqProblem& p, int64_t 
     #pragma GCC unroll 8
     for (int r = 0; r < MR; ++r) xv[u][r] = _mm256_broadcast_ss(p.x + r * p.k + k + u);
   }
+  const int64_t tile_bytes = BITS == 8 ? kTile : kTile / 2;
+  const int64_t every = 64 / tile_bytes;  // tiles per cache line
+  const bool ahead = k + 2 * U <= p.k;
   for (int64_t t = t0; t < t1; ++t) {
     const int64_t n0 = t * kTile, off = (t - t0) * kTile;
+    if (ahead && (t - t0) % every == 0) {  // the next rows' line at this column, one call ahead
+#pragma GCC unroll 8
+      for (int u = 0; u < U; ++u) {
+        _mm_prefetch(reinterpret_cast<const char*>(p.w + (k + U + u) * p.row_bytes +
+                                                   t * tile_bytes),
+                     _MM_HINT_T0);
+      }
+    }
     __m256 acc[MR][2];
     #pragma GCC unroll 8
     for (int r = 0; r < MR; ++r) {
@@ -435,7 +446,9 @@ ffi::Error WqMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffe
   p.y = y->typed_data();
   if (p.m <= kFewRows) PlanBlocks(p, p.group);
   const int64_t tiles = p.n / kTile;
-  const int64_t chunks = p.m <= kFewRows ? std::max<int64_t>(1, std::min<int64_t>(tiles, pool.num_threads())) : ChunksFor(tiles, pool.num_threads() + 1);
+  // few rows: one thread streams the codes (measured: splitting the columns over XLA's pool
+  // was slower on 2 cores, the stream is memory-bound); many rows: every thread of the pool
+  const int64_t chunks = p.m <= kFewRows ? 1 : ChunksFor(tiles, pool.num_threads() + 1);
   ParallelFor(pool, chunks, [&](int64_t c) {
     WqTiles(p, tiles * c / chunks, tiles * (c + 1) / chunks);
   });
@@ -561,7 +574,7 @@ ffi::Error Int8Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> a, ffi::Buffer<
   std::vector<int32_t> acc(HasAvx2() ? p.m * p.n : 0, 0);
   p.acc = acc.data();
   const int64_t tiles = p.n / kTile;
-  const int64_t chunks = ChunksFor(tiles, pool.num_threads() + 1);
+  const int64_t chunks = p.m <= 4 ? 1 : ChunksFor(tiles, pool.num_threads() + 1);  // as above
   ParallelFor(pool, chunks, [&](int64_t c) {
     const int64_t t0 = tiles * c / chunks, t1 = tiles * (c + 1) / chunks;
 #if JQ_X86
