@@ -99,7 +99,9 @@ def safetensors_files(path: str | os.PathLike) -> list[Path]:
     files = [path / f for f in sorted(set(weight_map.values()))]
     missing = [f.name for f in files if not f.is_file()]
     if missing:
-      raise FileNotFoundError(f"{index} maps tensors to {missing[0]}, which is not in {path}.")
+      raise FileNotFoundError(
+        f"{index} maps tensors to {missing[0]}, which is not in {path}; download every shard."
+      )
     return files
   files = sorted(path.glob("*.safetensors")) if path.is_dir() else []
   if not files:

@@ -52,7 +52,7 @@ from jaxquant.gguf_io import (
   to_qarray,
   write_gguf,
 )
-from jaxquant.interop import torch_to_flax
+from jaxquant.interop import safetensors_files, torch_to_flax
 from jaxquant.io import iter_safetensors
 from jaxquant.ptq.smooth import SmoothGroup
 from jaxquant.qarray import QArray, dequantize
@@ -537,23 +537,7 @@ def load_hf(path: str | os.PathLike) -> tuple[LlamaConfig, dict]:
 def hf_weight_files(folder: Path) -> list[Path]:
   """The safetensors files of a Hugging Face folder: those its ``model.safetensors.index.json``
   maps (sharded ``model-0000x-of-0000y``), checked to exist, else every ``*.safetensors``."""
-  index = folder / "model.safetensors.index.json"
-  if index.is_file():
-    try:
-      weight_map = json.loads(index.read_text())["weight_map"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-      raise ValueError(f"{index}: not a safetensors index ({type(e).__name__}: {e}).") from None
-    files = [folder / f for f in sorted(set(weight_map.values()))]
-    missing = [f.name for f in files if not f.is_file()]
-    if missing:
-      raise FileNotFoundError(
-        f"{index} maps tensors to {missing[0]}, which is not in {folder}; download every shard."
-      )
-    return files
-  files = sorted(folder.glob("*.safetensors"))
-  if not files:
-    raise FileNotFoundError(f"{folder} has no *.safetensors weights.")
-  return files
+  return safetensors_files(folder)
 
 
 def check_params(params: dict, expected: Any, where: str) -> None:
