@@ -17,7 +17,7 @@ jax.config.update("jax_numpy_dtype_promotion", "strict")
 
 settings.register_profile(
   "default",
-  max_examples=12,  # every example compiles anew; HYPOTHESIS_PROFILE=thorough runs 400
+  max_examples=6,  # every example compiles anew; HYPOTHESIS_PROFILE=thorough runs 400
   deadline=None,
   suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )

@@ -26,6 +26,7 @@ def _tiny():
   return model, params, batches
 
 
+@pytest.mark.slow  # 40 s; experiments/ppl_smollm2.py chains every data-driven recipe on SmolLM2
 @pytest.mark.parametrize("recipe", ["w4g64-gptq"])  # AWQ's path: tests/test_ptq.py, MiniLM
 def test_chained_blocks_quantize_like_full_forwards(recipe, monkeypatch):
   model, params, batches = _tiny()

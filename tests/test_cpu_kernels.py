@@ -42,7 +42,7 @@ SPECS = ["int8", "int8:asym", "int4", "int4:asym", "uint4:g32", "int4:g16", "int
 
 
 @built
-@settings(max_examples=8, deadline=None)
+@settings(max_examples=4, deadline=None)
 @given(
   spec=st.sampled_from(SPECS),
   m=st.integers(1, 9),
@@ -64,7 +64,7 @@ def test_weight_only_kernel_equals_numpy(spec, m, groups, n, seed):
 
 
 @built
-@settings(max_examples=6, deadline=None)
+@settings(max_examples=4, deadline=None)
 @given(
   m=st.integers(1, 9),
   k=st.integers(1, 130),

@@ -50,7 +50,7 @@ def test_symmetric_blocks_round_trip_and_match_gguf_bit_for_bit(kind, blocks, ou
   assert _leaves_equal(gguf_io.to_qarray(_tensor(kind, raw, out, n)), q)
 
 
-@settings(max_examples=10, deadline=None)
+@settings(max_examples=5, deadline=None)
 @given(
   blocks=st.integers(1, 4),
   out=st.integers(1, 9),
@@ -175,7 +175,7 @@ def test_inexact_leaves_fail_before_writing_unless_requantized(tmp_path):
   assert gguf_io.read_gguf(path)["blk.1.ffn_down.weight"].type == "Q4_1"
 
 
-@settings(max_examples=10, deadline=None)
+@settings(max_examples=5, deadline=None)
 @given(seed=st.integers(0, 2**16), shift=st.floats(-3, 3), out=st.integers(1, 9))
 def test_jaxquant_q4_1_round_trips_through_gguf_bit_for_bit(seed, shift, out):
   w = np.random.default_rng(seed).normal(shift, 1.0, (64, out)).astype(np.float32)

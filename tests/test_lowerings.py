@@ -37,7 +37,7 @@ def _serve(x, q, lowering):
   return np.asarray(jax.jit(lambda x, q: ops.qdot_general(x, q, DENSE, lowering=lowering))(x, q))
 
 
-@settings(max_examples=8, deadline=None)
+@settings(max_examples=4, deadline=None)
 @given(
   m=st.integers(1, 5),
   n=st.integers(1, 9),
