@@ -86,6 +86,14 @@ def activation_observer(paths: Iterable[str]) -> Observer:
   return observe
 
 
+def with_row_mask(observer: Observer, row_mask, batch: tuple) -> Observer:
+  """`observer` with ``mask = row_mask(batch)`` as its fourth argument (as is without one)."""
+  if row_mask is None:
+    return observer
+  mask = row_mask(batch)
+  return lambda path, previous, x: observer(path, previous, x, mask)
+
+
 def capture(
   model,
   params: dict,
@@ -103,10 +111,7 @@ def capture(
   cal = quantize_model(model, rules, "calibrate")
 
   def step(p, acc, *args):
-    obs = observer
-    if row_mask is not None:
-      mask = row_mask(args)
-      obs = lambda path, previous, x: observer(path, previous, x, mask)
+    obs = with_row_mask(observer, row_mask, args)
     return cal.apply({"params": p}, *args, stats=acc, observer=obs)[1]
 
   jitted = jax.jit(step)

@@ -31,7 +31,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxquant.flax import quantize_model
-from jaxquant.ptq.capture import Observer, RowMask
+from jaxquant.ptq.capture import Observer, RowMask, with_row_mask
 from jaxquant.ptq.gptq import GPTQConfig, gptq_quantize
 from jaxquant.qarray import QArray, codes, from_codes
 from jaxquant.rules import Rule
@@ -93,10 +93,7 @@ def sharded_capture(
   cal = quantize_model(model, rules, "calibrate")
 
   def local(p, acc, *args):
-    obs = observer
-    if row_mask is not None:
-      mask = row_mask(args)
-      obs = lambda path, previous, x: observer(path, previous, x, mask)
+    obs = with_row_mask(observer, row_mask, args)
     mine = None if acc is None else jax.tree.map(lambda a: a[0], acc)
     new = cal.apply({"params": p}, *args, stats=mine, observer=obs)[1]
     return jax.tree.map(lambda a: jnp.asarray(a)[None], new)

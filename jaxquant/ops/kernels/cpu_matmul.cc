@@ -85,7 +85,6 @@ int64_t ChunksFor(int64_t tiles, int64_t threads) {
 // K is walked in blocks of a few rows (never across a scale group when folding), so every
 // pass over the codes streams a few rows at once: whole-K passes per column tile would touch
 // one page per row and thrash the TLB.
-constexpr int64_t kDecodeBlock = 16;  // rows per block for few activation rows (fold path)
 constexpr int64_t kPanelBlock = 128;  // rows per dequantized panel for many rows
 constexpr int64_t kPanelTiles = 16;   // tiles per panel: 128 x 256 floats, 128 KiB
 constexpr int64_t kRowBlock = 96;     // activation rows per pass over a panel (outputs in L2)
@@ -101,26 +100,16 @@ struct WqProblem {
   int64_t m, k, n, groups, group, row_bytes;
   int bits;
   bool is_signed;
-  // fold path: blocks of rows inside one group, and Σ_{k∈block} x[m, k] for each
-  std::vector<int64_t> block_start;  // [blocks + 1]
-  std::vector<float> xsum;           // [M, blocks]
+  std::vector<float> xsum;  // fold path: [M, G], Σ_{k∈g} x[m, k]
 };
 
-int64_t Blocks(const WqProblem& p) { return static_cast<int64_t>(p.block_start.size()) - 1; }
-
-void PlanBlocks(WqProblem& p, int64_t rows) {
-  p.block_start.clear();
-  for (int64_t g = 0; g < p.groups; ++g) {
-    for (int64_t k = g * p.group; k < (g + 1) * p.group; k += rows) p.block_start.push_back(k);
-  }
-  p.block_start.push_back(p.k);
-  const int64_t blocks = Blocks(p);
-  p.xsum.assign(p.m * blocks, 0.f);
+void SumGroups(WqProblem& p) {
+  p.xsum.assign(p.m * p.groups, 0.f);
   for (int64_t r = 0; r < p.m; ++r) {
-    for (int64_t b = 0; b < blocks; ++b) {
+    for (int64_t g = 0; g < p.groups; ++g) {
       float s = 0.f;
-      for (int64_t k = p.block_start[b]; k < p.block_start[b + 1]; ++k) s += p.x[r * p.k + k];
-      p.xsum[r * blocks + b] = s;
+      for (int64_t k = g * p.group; k < (g + 1) * p.group; ++k) s += p.x[r * p.k + k];
+      p.xsum[r * p.groups + g] = s;
     }
   }
 }
@@ -444,7 +433,7 @@ ffi::Error WqMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffe
   p.scale = scale.typed_data();
   p.zero = has_zero ? zero.typed_data() : nullptr;
   p.y = y->typed_data();
-  if (p.m <= kFewRows) PlanBlocks(p, p.group);
+  if (p.m <= kFewRows) SumGroups(p);
   const int64_t tiles = p.n / kTile;
   // few rows: one thread streams the codes (measured: splitting the columns over XLA's pool
   // was slower on 2 cores, the stream is memory-bound); many rows: every thread of the pool
