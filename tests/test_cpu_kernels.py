@@ -39,44 +39,59 @@ def _np_dequantize(q) -> np.ndarray:
 
 
 SPECS = ["int8", "int8:asym", "int4", "int4:asym", "uint4:g32", "int4:g16", "int4:g64:asym"]
+# every code path this CPU runs (AVX-512 ones only where it has them), each checked alone
+PATHS = ck.ISAS[: ck.ISAS.index(ck.isa()) + 1] if ck.available() else ("scalar",)
+
+
+def _on_path(isa: str, fn):
+  """`fn()` with the kernels capped at code path `isa`, the cap lifted afterwards."""
+  ck.set_isa(isa)
+  try:
+    return fn()
+  finally:
+    ck.set_isa("avx512")
 
 
 @built
-@settings(max_examples=4, deadline=None)
+@settings(max_examples=8, deadline=None)
 @given(
   spec=st.sampled_from(SPECS),
   m=st.integers(1, 9),
   groups=st.integers(1, 4),
-  n=st.sampled_from([1, 5, 16, 33, 48, 70]),
+  n=st.sampled_from([1, 5, 16, 33, 48, 70, 96]),
   seed=st.integers(0, 2**16),
+  isa=st.sampled_from(PATHS),
 )
-def test_weight_only_kernel_equals_numpy(spec, m, groups, n, seed):
+def test_weight_only_kernel_equals_numpy(spec, m, groups, n, seed, isa):
   k = 64 * groups
   rng = np.random.default_rng(seed)
   w = rng.normal(size=(k, n)).astype(np.float32)
   x = rng.normal(size=(m, k)).astype(np.float32)
   q = jq.quantize(jnp.asarray(w), spec)
   assert ck.weight_only_reason(q) is None
-  y = ck.weight_only_matmul(jnp.asarray(x), q, lambda: jnp.zeros((m, n)))
+  y = _on_path(isa, lambda: ck.weight_only_matmul(jnp.asarray(x), q, lambda: jnp.zeros((m, n))))
   ref = x.astype(np.float64) @ _np_dequantize(q)
   bound = np.abs(x).astype(np.float64) @ np.abs(_np_dequantize(q))  # float32 summation error
   assert np.all(np.abs(np.asarray(y, np.float64) - ref) <= 1e-5 * bound + 1e-6)
 
 
 @built
-@settings(max_examples=4, deadline=None)
+@settings(max_examples=8, deadline=None)
 @given(
   m=st.integers(1, 9),
   k=st.integers(1, 130),
-  n=st.sampled_from([1, 7, 16, 40]),
+  n=st.sampled_from([1, 7, 16, 40, 64, 150]),
   seed=st.integers(0, 2**16),
+  isa=st.sampled_from(PATHS),
 )
-def test_int8_kernel_is_exact(m, k, n, seed):
+def test_int8_kernel_is_exact(m, k, n, seed, isa):
   rng = np.random.default_rng(seed)
   a = rng.integers(-128, 128, size=(m, k)).astype(np.int8)
   q = jq.quantize(jnp.asarray(rng.normal(size=(k, n)).astype(np.float32)), "int8")
   s_a = rng.uniform(0.01, 1.0, size=(m,)).astype(np.float32)
-  y = ck.int8_matmul(jnp.asarray(a), jnp.asarray(s_a), q, lambda: jnp.zeros((m, n)))
+  y = _on_path(
+    isa, lambda: ck.int8_matmul(jnp.asarray(a), jnp.asarray(s_a), q, lambda: jnp.zeros((m, n)))
+  )
   acc = a.astype(np.int64) @ np.asarray(codes(q), np.int64)  # exact
   s_w = np.asarray(q.scale, np.float32).reshape(-1)
   ref = (acc.astype(np.float32) * s_a[:, None]) * s_w[None, :]
@@ -177,3 +192,34 @@ def test_without_the_compiled_kernels_everything_takes_xla():
     [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
   )
   assert out.returncode == 0 and "ok" in out.stdout, out.stderr
+
+
+@built
+@pytest.mark.parametrize("isa", PATHS)
+def test_every_code_path_on_a_layer_the_width_of_its_tiles(isa):
+  """Shapes that fill the AVX-512 tiles (32 / 64 columns) with odd tails, on each path."""
+  rng = np.random.default_rng(7)
+  k, n = 260, 64 * 3 + 16 + 5  # VNNI tiles, an AVX2 tile, single columns; K not a multiple of 4
+  w = rng.normal(size=(k, n)).astype(np.float32)
+  for m in (1, 3, 6):
+    a = rng.integers(-128, 128, size=(m, k)).astype(np.int8)
+    q8 = jq.quantize(jnp.asarray(w), "int8")
+    y = _on_path(isa, lambda: ck.int8_matmul(jnp.asarray(a), jnp.ones((m,)), q8, None))
+    acc = a.astype(np.int64) @ np.asarray(codes(q8), np.int64)
+    ref = acc.astype(np.float32) * np.asarray(q8.scale, np.float32).reshape(1, -1)
+    np.testing.assert_array_equal(np.asarray(y), ref)
+    x = rng.normal(size=(m, k - 4)).astype(np.float32)
+    q4 = jq.quantize(jnp.asarray(w[: k - 4]), "int4:g32:asym")
+    y4 = _on_path(isa, lambda: ck.weight_only_matmul(jnp.asarray(x), q4, None))
+    ref4 = x.astype(np.float64) @ _np_dequantize(q4)
+    bound = np.abs(x).astype(np.float64) @ np.abs(_np_dequantize(q4))
+    assert np.all(np.abs(np.asarray(y4, np.float64) - ref4) <= 1e-5 * bound + 1e-6)
+
+
+@built
+def test_set_isa_names_the_paths_and_refuses_others():
+  assert ck.isa() in ck.ISAS
+  assert _on_path("avx2", ck.isa) in ("scalar", "avx2")
+  assert ck.isa() == PATHS[-1]  # the cap is lifted again
+  with pytest.raises(ValueError, match="choose one of"):
+    ck.set_isa("avx1024")

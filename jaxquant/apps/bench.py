@@ -280,7 +280,7 @@ def run(
     flags = ", ".join(f"{f} {'yes' if on else 'no'}" for f, on in cpu["flags"].items())
     head = (
       f"CPU: {cpu['model']} ({flags}); compiled CPU kernels: "
-      f"{'built' if meta['cpu_kernels'] else 'not built'}.\n"
+      f"{'built, ' + cpu_kernels.isa() + ' code path' if meta['cpu_kernels'] else 'not built'}.\n"
       f"jax {meta['jax']} on {meta['backend']} ({meta['cpus']} cores), qwix "
       f"{meta['qwix']}; median of {repeats} interleaved rounds; × vs f32 = f32 median / "
       "median (higher is faster); (auto) = the library's default lowering for that "

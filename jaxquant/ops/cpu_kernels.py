@@ -71,9 +71,34 @@ def _load() -> tuple[bool, str]:
     lib = ctypes.cdll.LoadLibrary(str(path))
   except OSError as e:
     return False, f"cannot load {path}: {e}"
+  global _LIB
+  _LIB = lib
   for target, symbol in ((WQ_TARGET, "JaxquantWqMatmul"), (INT8_TARGET, "JaxquantInt8Matmul")):
     jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
   return True, ""
+
+
+_LIB: ctypes.CDLL | None = None
+#: The kernels' code paths, narrowest first (`isa`, `set_isa`).
+ISAS = ("scalar", "avx2", "avx512")
+
+
+def isa() -> str:
+  """The code path the kernels run on this CPU: ``avx512`` (AVX-512 F/BW/VNNI: 16-lane widening,
+  ``vpdpbusd`` for W8A8), ``avx2`` (AVX2 + FMA) or ``scalar``; '' when they are not loaded."""
+  if not available() or _LIB is None:
+    return ""
+  return ISAS[_LIB.jaxquant_kernels_isa()]
+
+
+def set_isa(name: str) -> str:
+  """Caps the kernels' code path at `name` (one of `ISAS`; ``avx512`` lifts the cap), process
+  wide, to compare or test the narrower paths on a wide CPU. Returns the path now in use."""
+  if name not in ISAS:
+    raise ValueError(f"set_isa({name!r}): choose one of {ISAS}.")
+  _require()
+  assert _LIB is not None
+  return ISAS[_LIB.jaxquant_kernels_set_isa(ISAS.index(name))]
 
 
 def available() -> bool:

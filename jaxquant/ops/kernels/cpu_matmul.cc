@@ -10,9 +10,10 @@
 //   jaxquant_int8_matmul   y[m, n] = (Σ_k a[m, k] · q[k, n]) · sa[m] · sw[n]
 //                          int8 × int8 products summed exactly in int32 (W8A8).
 //
-// Work is split over column tiles of 16 on XLA's intra-op thread pool. AVX2 + FMA code is
-// chosen at run time; a portable scalar loop computes the same sums elsewhere (and the column
-// tail).
+// Work is split over column tiles of 16 on XLA's intra-op thread pool. The code path is chosen
+// at run time: AVX-512 (F, BW, VNNI: 16-lane widening for up to 4 rows, vpdpbusd for W8A8),
+// else AVX2 + FMA; a portable scalar loop computes the same sums elsewhere (and the column
+// tail). `jaxquant_kernels_set_isa` caps the path, so one machine can test each.
 
 #include <algorithm>
 #include <atomic>
@@ -36,7 +37,8 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int64_t kTile = 16;  // output columns per register tile
+constexpr int64_t kTile = 16;      // output columns per register tile
+constexpr int64_t kVnniWide = 64;  // columns per VNNI tile (one zmm of bytes per row of K)
 
 // --------------------------------------------------------------------------- threading
 // Chunks are claimed from a shared counter by the caller and by pool tasks alike, so the
@@ -76,6 +78,29 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t chunks, const F& body) {
   std::unique_lock<std::mutex> lock(state->mu);
   state->cv.wait(lock, [&] { return state->done == total; });
 }
+
+// --------------------------------------------------------------------------- instruction sets
+// The widest code path this CPU runs, lowered by `jaxquant_kernels_set_isa` (tests and
+// benchmarks compare the paths on one machine): 0 scalar, 1 AVX2 + FMA, 2 AVX-512 (F, BW, VNNI).
+std::atomic<int> isa_cap{2};
+
+int DetectIsa() {
+#if JQ_X86
+  static const int detected = [] {
+    if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma")) return 0;
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512vnni")) {
+      return 2;
+    }
+    return 1;
+  }();
+  return detected;
+#else
+  return 0;
+#endif
+}
+
+int Isa() { return std::min(DetectIsa(), isa_cap.load(std::memory_order_relaxed)); }
 
 int64_t ChunksFor(int64_t tiles, int64_t threads) {
   return std::max<int64_t>(1, std::min<int64_t>(tiles, 4 * std::max<int64_t>(threads, 1)));
@@ -381,19 +406,173 @@ void WqTilesAvx2(const WqProblem& p, int64_t t0, int64_t t1) {
   }
 }
 
-bool HasAvx2() {
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return has;
+// ---- AVX-512 fold path: super tiles of 32 columns (two tiles), one zmm per 16 sums.
+#define JQ_AVX512 __attribute__((target("avx512f,avx512bw,avx512vnni,avx2,fma")))
+constexpr int64_t kWide = 32;  // columns per AVX-512 fold tile
+
+// 32 codes of row k from column n0: int8 as (n0..n0+15, n0+16..n0+31); 4-bit as (even
+// columns, odd columns) of n0..n0+31, signed ones offset by +8 as in `Widen`.
+template <int BITS, bool SIGNED>
+JQ_AVX512 inline void WidenSplit512(const uint8_t* row, int64_t n0, __m512& a, __m512& b) {
+  if constexpr (BITS == 8) {
+    const __m128i v0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + n0));
+    const __m128i v1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + n0 + 16));
+    if constexpr (SIGNED) {
+      a = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(v0));
+      b = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(v1));
+    } else {
+      a = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(v0));
+      b = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(v1));
+    }
+  } else {
+    const __m512i v =
+      _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + n0 / 2)));
+    __m512i even = _mm512_and_si512(v, _mm512_set1_epi32(0xF));
+    __m512i odd = _mm512_srli_epi32(v, 4);
+    if constexpr (SIGNED) {
+      even = _mm512_xor_si512(even, _mm512_set1_epi32(8));
+      odd = _mm512_xor_si512(odd, _mm512_set1_epi32(8));
+    }
+    a = _mm512_cvtepi32_ps(even);
+    b = _mm512_cvtepi32_ps(odd);
+  }
 }
-#else
-bool HasAvx2() { return false; }
+
+// buf[r][super tile] += Σ_{u<U} x[r, k + u] · codes[k + u, super tile], super tiles of
+// columns [nb + 32 s, nb + 32 (s + 1)) for s in [0, count)
+template <int MR, int U, int BITS, bool SIGNED>
+JQ_AVX512 void StreamRows512(const WqProblem& p, int64_t k, int64_t nb, int64_t count,
+                             float* buf, int64_t width) {
+  __m512 xv[U][MR];
+  #pragma GCC unroll 8
+  for (int u = 0; u < U; ++u) {
+    #pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) xv[u][r] = _mm512_set1_ps(p.x[r * p.k + k + u]);
+  }
+  const int64_t tile_bytes = BITS == 8 ? kWide : kWide / 2;
+  const int64_t every = 64 / tile_bytes;  // super tiles per cache line
+  const bool ahead = k + 2 * U <= p.k;
+  for (int64_t s = 0; s < count; ++s) {
+    const int64_t n0 = nb + s * kWide, off = s * kWide;
+    if (ahead && s % every == 0) {
+      #pragma GCC unroll 8
+      for (int u = 0; u < U; ++u) {
+        _mm_prefetch(reinterpret_cast<const char*>(p.w + (k + U + u) * p.row_bytes +
+                                                   n0 * BITS / 8),
+                     _MM_HINT_T0);
+      }
+    }
+    __m512 acc[MR][2];
+    #pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      acc[r][0] = _mm512_loadu_ps(buf + r * width + off);
+      acc[r][1] = _mm512_loadu_ps(buf + r * width + off + 16);
+    }
+    #pragma GCC unroll 8
+    for (int u = 0; u < U; ++u) {
+      __m512 w0, w1;
+      WidenSplit512<BITS, SIGNED>(p.w + (k + u) * p.row_bytes, n0, w0, w1);
+      #pragma GCC unroll 8
+      for (int r = 0; r < MR; ++r) {
+        acc[r][0] = _mm512_fmadd_ps(xv[u][r], w0, acc[r][0]);
+        acc[r][1] = _mm512_fmadd_ps(xv[u][r], w1, acc[r][1]);
+      }
+    }
+    #pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      _mm512_storeu_ps(buf + r * width + off, acc[r][0]);
+      _mm512_storeu_ps(buf + r * width + off + 16, acc[r][1]);
+    }
+  }
+}
+
+// y[r, super tile] += s · (buf − z' · Σx) for group g; buf back to zero
+template <int MR, int BITS, bool SIGNED>
+JQ_AVX512 void FoldGroup512(const WqProblem& p, int64_t g, int64_t nb, int64_t count, float* buf,
+                            int64_t width) {
+  // (even, odd) sums back to column order: lanes 0..15 and 16..31 of the interleave
+  const __m512i lo_idx = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+  const __m512i hi_idx =
+    _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+  const __m512 offset = _mm512_set1_ps((BITS == 4 && SIGNED) ? 8.f : 0.f);
+  for (int64_t s = 0; s < count; ++s) {
+    const int64_t n0 = nb + s * kWide, off = s * kWide;
+    __m512 z0 = offset, z1 = offset;
+    if (p.zero) {
+      z0 = _mm512_add_ps(z0, _mm512_loadu_ps(p.zero + g * p.n + n0));
+      z1 = _mm512_add_ps(z1, _mm512_loadu_ps(p.zero + g * p.n + n0 + 16));
+    }
+    const __m512 s0 = _mm512_loadu_ps(p.scale + g * p.n + n0);
+    const __m512 s1 = _mm512_loadu_ps(p.scale + g * p.n + n0 + 16);
+    #pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      float* sums = buf + r * width + off;
+      __m512 a0 = _mm512_loadu_ps(sums), a1 = _mm512_loadu_ps(sums + 16);
+      if constexpr (BITS == 4) {
+        const __m512 even = a0, odd = a1;
+        a0 = _mm512_permutex2var_ps(even, lo_idx, odd);
+        a1 = _mm512_permutex2var_ps(even, hi_idx, odd);
+      }
+      const __m512 xs = _mm512_set1_ps(p.xsum[r * p.groups + g]);
+      float* y = p.y + r * p.n + n0;
+      const __m512 d0 = _mm512_fnmadd_ps(z0, xs, a0), d1 = _mm512_fnmadd_ps(z1, xs, a1);
+      _mm512_storeu_ps(y, _mm512_fmadd_ps(s0, d0, _mm512_loadu_ps(y)));
+      _mm512_storeu_ps(y + 16, _mm512_fmadd_ps(s1, d1, _mm512_loadu_ps(y + 16)));
+      _mm512_storeu_ps(sums, _mm512_setzero_ps());
+      _mm512_storeu_ps(sums + 16, _mm512_setzero_ps());
+    }
+  }
+}
+
+// columns [nb, nb + 32 count) of every row (MR rows), by groups
+template <int MR, int BITS, bool SIGNED>
+void FoldPath512(const WqProblem& p, int64_t nb, int64_t count) {
+  const int64_t width = count * kWide;
+  std::vector<float> buf(MR * width, 0.f);
+  constexpr int U = 4;
+  for (int64_t g = 0; g < p.groups; ++g) {
+    const int64_t k1 = (g + 1) * p.group;
+    int64_t k = g * p.group;
+    for (; k + U <= k1; k += U) {
+      StreamRows512<MR, U, BITS, SIGNED>(p, k, nb, count, buf.data(), width);
+    }
+    for (; k < k1; ++k) StreamRows512<MR, 1, BITS, SIGNED>(p, k, nb, count, buf.data(), width);
+    FoldGroup512<MR, BITS, SIGNED>(p, g, nb, count, buf.data(), width);
+  }
+}
+
+template <int BITS, bool SIGNED>
+void FewRows512(const WqProblem& p, int64_t nb, int64_t count) {
+  switch (p.m) {
+    case 4: FoldPath512<4, BITS, SIGNED>(p, nb, count); break;
+    case 3: FoldPath512<3, BITS, SIGNED>(p, nb, count); break;
+    case 2: FoldPath512<2, BITS, SIGNED>(p, nb, count); break;
+    default: FoldPath512<1, BITS, SIGNED>(p, nb, count); break;
+  }
+}
+
 #endif
+
+bool HasAvx2() { return Isa() >= 1; }
+bool HasAvx512() { return Isa() >= 2; }
 
 void WqTiles(const WqProblem& p, int64_t t0, int64_t t1) {
 #if JQ_X86
   if (HasAvx2()) {
     for (int64_t r = 0; r < p.m; ++r) {
       std::fill(p.y + r * p.n + t0 * kTile, p.y + r * p.n + t1 * kTile, 0.f);
+    }
+    if (p.m <= kFewRows && HasAvx512()) {  // pairs of tiles in zmm, an odd last one in ymm
+      const int64_t count = (t1 - t0) / 2;
+      if (p.bits == 8) {
+        p.is_signed ? FewRows512<8, true>(p, t0 * kTile, count)
+                    : FewRows512<8, false>(p, t0 * kTile, count);
+      } else {
+        p.is_signed ? FewRows512<4, true>(p, t0 * kTile, count)
+                    : FewRows512<4, false>(p, t0 * kTile, count);
+      }
+      t0 += 2 * count;
+      if (t0 == t1) return;
     }
     if (p.bits == 8) {
       p.is_signed ? WqTilesAvx2<8, true>(p, t0, t1) : WqTilesAvx2<8, false>(p, t0, t1);
@@ -454,9 +633,11 @@ struct I8Problem {
   const int8_t* w;       // [K, N]
   const float* sa;       // [M]
   const float* sw;       // [N]
+  const int32_t* quads;  // [M, ceil(K / 4)]: a[m, 4j..4j+3] as the bytes of one int32 (VNNI)
+  const int32_t* asum;   // [M]: Σ_k a[m, k] (VNNI)
   int32_t* acc;          // [M, N] exact partial sums
   float* y;              // [M, N]
-  int64_t m, k, n, half;
+  int64_t m, k, n, half, quarter;
 };
 
 void I8ColumnsScalar(const I8Problem& p, int64_t n0, int64_t n1) {
@@ -528,6 +709,88 @@ void I8TilesAvx2(const I8Problem& p, int64_t t0, int64_t t1) {
     }
   }
 }
+
+// ---- AVX-512 VNNI: vpdpbusd multiplies unsigned by signed bytes, four products per int32
+// lane. The weights are the unsigned side, offset by +128 (w ^ 0x80), so
+// Σ_k (w + 128) · a = Σ_k w · a + 128 · Σ_k a, and 128 · Σ_k a[m, k] is taken off at the end
+// (exact: |Σ| < 255 · 128 · K fits int32 for K < 65,000).
+
+// Quads [j0, j0 + QB) of K (rows 4j..4j+3 of w) × VNNI tiles [s0, s1): four rows of bytes
+// interleaved into 4 zmm, zmm c holding columns 16ℓ + 4c + i at lane 4ℓ + i (ℓ = 128-bit lane);
+// the int32 sums are kept in that order in `acc` (`VnniFinish` puts them back).
+template <int QB>
+JQ_AVX512 void VnniBlock(const I8Problem& p, int64_t j0, int64_t s0, int64_t s1) {
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  const bool ahead = 4 * (j0 + 2 * QB) <= p.k;
+  for (int64_t s = s0; s < s1; ++s) {
+    const int64_t n0 = s * kVnniWide;
+    __m512i w[QB][4];
+    #pragma GCC unroll 4
+    for (int q = 0; q < QB; ++q) {
+      const int64_t k = 4 * (j0 + q);
+      __m512i r[4];
+      #pragma GCC unroll 4
+      for (int i = 0; i < 4; ++i) {
+        r[i] = k + i < p.k ? _mm512_xor_si512(_mm512_loadu_si512(p.w + (k + i) * p.n + n0), flip)
+                           : _mm512_setzero_si512();  // past K: zero, times a zero activation
+        if (ahead) {
+          _mm_prefetch(reinterpret_cast<const char*>(p.w + (k + 4 * QB + i) * p.n + n0),
+                       _MM_HINT_T0);
+        }
+      }
+      const __m512i lo01 = _mm512_unpacklo_epi8(r[0], r[1]), hi01 = _mm512_unpackhi_epi8(r[0], r[1]);
+      const __m512i lo23 = _mm512_unpacklo_epi8(r[2], r[3]), hi23 = _mm512_unpackhi_epi8(r[2], r[3]);
+      w[q][0] = _mm512_unpacklo_epi16(lo01, lo23);
+      w[q][1] = _mm512_unpackhi_epi16(lo01, lo23);
+      w[q][2] = _mm512_unpacklo_epi16(hi01, hi23);
+      w[q][3] = _mm512_unpackhi_epi16(hi01, hi23);
+    }
+    for (int64_t m = 0; m < p.m; ++m) {
+      int32_t* out = p.acc + m * p.n + n0;
+      __m512i a[4];
+      #pragma GCC unroll 4
+      for (int c = 0; c < 4; ++c) a[c] = _mm512_loadu_si512(out + 16 * c);
+      #pragma GCC unroll 4
+      for (int q = 0; q < QB; ++q) {
+        const __m512i av = _mm512_set1_epi32(p.quads[m * p.quarter + j0 + q]);
+        #pragma GCC unroll 4
+        for (int c = 0; c < 4; ++c) a[c] = _mm512_dpbusd_epi32(a[c], w[q][c], av);
+      }
+      #pragma GCC unroll 4
+      for (int c = 0; c < 4; ++c) _mm512_storeu_si512(out + 16 * c, a[c]);
+    }
+  }
+}
+
+// y for VNNI tiles [s0, s1): sums back to column order, offset removed, rescaled
+void VnniFinish(const I8Problem& p, int64_t s0, int64_t s1) {
+  for (int64_t m = 0; m < p.m; ++m) {
+    const int32_t offset = 128 * p.asum[m];
+    for (int64_t s = s0; s < s1; ++s) {
+      const int64_t n0 = s * kVnniWide;
+      const int32_t* sums = p.acc + m * p.n + n0;
+      for (int c = 0; c < 4; ++c) {
+        for (int l = 0; l < 4; ++l) {
+          for (int i = 0; i < 4; ++i) {
+            const int64_t n = n0 + 16 * l + 4 * c + i;
+            p.y[m * p.n + n] =
+              static_cast<float>(sums[16 * c + 4 * l + i] - offset) * p.sa[m] * p.sw[n];
+          }
+        }
+      }
+    }
+  }
+}
+
+void VnniTiles(const I8Problem& p, int64_t s0, int64_t s1) {
+  const int64_t quads = p.quarter;
+  int64_t j = 0;
+  if (p.m > 4) {  // more rows: more of K per pass, fewer passes over the sums
+    for (; j + 4 <= quads; j += 4) VnniBlock<4>(p, j, s0, s1);
+  }
+  for (; j < quads; ++j) VnniBlock<1>(p, j, s0, s1);
+  VnniFinish(p, s0, s1);
+}
 #endif
 
 ffi::Error Int8Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> a, ffi::Buffer<ffi::F32> sa,
@@ -560,19 +823,39 @@ ffi::Error Int8Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> a, ffi::Buffer<
     }
   }
   p.pairs = pairs.data();
+  const bool vnni = HasAvx512();
+  p.quarter = (p.k + 3) / 4;
+  std::vector<int32_t> quads(vnni ? p.m * p.quarter : 0, 0), asum(vnni ? p.m : 0, 0);
+  if (vnni) {
+    for (int64_t r = 0; r < p.m; ++r) {
+      int8_t* bytes = reinterpret_cast<int8_t*>(quads.data() + r * p.quarter);
+      std::memcpy(bytes, p.a + r * p.k, p.k);
+      for (int64_t k = 0; k < p.k; ++k) asum[r] += p.a[r * p.k + k];
+    }
+  }
+  p.quads = quads.data();
+  p.asum = asum.data();
   std::vector<int32_t> acc(HasAvx2() ? p.m * p.n : 0, 0);
   p.acc = acc.data();
-  const int64_t tiles = p.n / kTile;
-  const int64_t chunks = p.m <= 4 ? 1 : ChunksFor(tiles, pool.num_threads() + 1);  // as above
+  // VNNI tiles of 64 columns first, then tiles of 16 (AVX2), then single columns
+  const int64_t wide = vnni ? p.n / kVnniWide : 0;
+  const int64_t tiles = p.n / kTile, first_tile = wide * kVnniWide / kTile;
+  const int64_t units = wide + (tiles - first_tile);
+  const int64_t chunks = p.m <= 4 ? 1 : ChunksFor(units, pool.num_threads() + 1);  // as above
   ParallelFor(pool, chunks, [&](int64_t c) {
-    const int64_t t0 = tiles * c / chunks, t1 = tiles * (c + 1) / chunks;
+    const int64_t u0 = units * c / chunks, u1 = units * (c + 1) / chunks;
 #if JQ_X86
+    if (vnni && u0 < wide) VnniTiles(p, u0, std::min(u1, wide));
+    const int64_t t0 = std::max(u0, wide) - wide + first_tile;
+    const int64_t t1 = std::max(u1, wide) - wide + first_tile;
     if (HasAvx2()) {
-      I8TilesAvx2(p, t0, t1);
+      if (t0 < t1) I8TilesAvx2(p, t0, t1);
       return;
     }
-#endif
     I8ColumnsScalar(p, t0 * kTile, t1 * kTile);
+#else
+    I8ColumnsScalar(p, u0 * kTile, u1 * kTile);
+#endif
   });
   if (tiles * kTile < p.n) I8ColumnsScalar(p, tiles * kTile, p.n);
   return ffi::Error::Success();
@@ -602,3 +885,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxquantInt8Matmul, Int8Matmul,
                                 .Ret<ffi::Buffer<ffi::F32>>());
 
 extern "C" int jaxquant_kernels_have_avx2() { return HasAvx2() ? 1 : 0; }
+
+// The code path in use: 0 scalar, 1 AVX2 + FMA, 2 AVX-512 (F, BW, VNNI).
+extern "C" int jaxquant_kernels_isa() { return Isa(); }
+
+// Caps the code path at `level` (as `jaxquant_kernels_isa` numbers them; 2 lifts the cap);
+// returns the path now in use.
+extern "C" int jaxquant_kernels_set_isa(int level) {
+  isa_cap.store(std::max(0, std::min(level, 2)));
+  return Isa();
+}
