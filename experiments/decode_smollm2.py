@@ -43,7 +43,11 @@ def main() -> None:
       rows.append({"recipe": name, "kv_cache": cache, "linear_bytes": lm.linear_bytes, **got})
       print(f"{name:10s} {cache:8s} prefill {got['prefill_tps']:7.1f} tok/s  decode "
             f"{got['decode_tps']:6.1f} tok/s  {got['text'][:40]!r}")  # fmt: skip
-  base = next(r for r in rows if r["recipe"] == "fp32" and r["kv_cache"] == "float32")
+  fp32 = [r for r in rows if r["recipe"] == "fp32"]
+  if not fp32:
+    raise SystemExit("--recipes must include fp32: every speed is quoted against it")
+  # the float32-cache fp32 row when it ran, else fp32 with the first cache given
+  base = next((r for r in fp32 if r["kv_cache"] == "float32"), fp32[0])
   cpu = bench.cpu_description()
   flags = ", ".join(f for f, on in cpu["flags"].items() if on)
   lines = [
