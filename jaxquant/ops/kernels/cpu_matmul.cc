@@ -22,6 +22,7 @@
 #include <cstring>
 #include <memory>
 #include <mutex>
+#include <type_traits>
 #include <vector>
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -303,17 +304,159 @@ __attribute__((target("avx2,fma"))) void FoldGroup(const WqProblem& p, int64_t g
   }
 }
 
+// ---- AVX-512 fold path: super tiles of 32 columns (two tiles), one zmm per 16 sums.
+#define JQ_AVX512 __attribute__((target("avx512f,avx512bw,avx512vnni,avx2,fma")))
+constexpr int64_t kWide = 32;  // columns per AVX-512 fold tile
+
+// 32 codes of row k from column n0: int8 as (n0..n0+15, n0+16..n0+31); 4-bit as (even
+// columns, odd columns) of n0..n0+31, signed ones offset by +8 as in `Widen`.
+template <int BITS, bool SIGNED>
+JQ_AVX512 inline void WidenSplit512(const uint8_t* row, int64_t n0, __m512& a, __m512& b) {
+  if constexpr (BITS == 8) {
+    const __m128i v0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + n0));
+    const __m128i v1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + n0 + 16));
+    if constexpr (SIGNED) {
+      a = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(v0));
+      b = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(v1));
+    } else {
+      a = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(v0));
+      b = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(v1));
+    }
+  } else {
+    const __m512i v =
+      _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + n0 / 2)));
+    __m512i even = _mm512_and_si512(v, _mm512_set1_epi32(0xF));
+    __m512i odd = _mm512_srli_epi32(v, 4);
+    if constexpr (SIGNED) {
+      even = _mm512_xor_si512(even, _mm512_set1_epi32(8));
+      odd = _mm512_xor_si512(odd, _mm512_set1_epi32(8));
+    }
+    a = _mm512_cvtepi32_ps(even);
+    b = _mm512_cvtepi32_ps(odd);
+  }
+}
+
+// `StreamRows` over super tiles of 32 columns: tiles [t0, t1), an even count of them
+template <int MR, int U, int BITS, bool SIGNED>
+JQ_AVX512 void StreamRows512(const WqProblem& p, int64_t k, int64_t t0, int64_t t1, float* buf,
+                             int64_t width) {
+  const int64_t nb = t0 * kTile, count = (t1 - t0) / 2;
+  __m512 xv[U][MR];
+  #pragma GCC unroll 8
+  for (int u = 0; u < U; ++u) {
+    #pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) xv[u][r] = _mm512_set1_ps(p.x[r * p.k + k + u]);
+  }
+  const int64_t tile_bytes = BITS == 8 ? kWide : kWide / 2;
+  const int64_t every = 64 / tile_bytes;  // super tiles per cache line
+  const bool ahead = k + 2 * U <= p.k;
+  for (int64_t s = 0; s < count; ++s) {
+    const int64_t n0 = nb + s * kWide, off = s * kWide;
+    if (ahead && s % every == 0) {
+      #pragma GCC unroll 8
+      for (int u = 0; u < U; ++u) {
+        _mm_prefetch(reinterpret_cast<const char*>(p.w + (k + U + u) * p.row_bytes +
+                                                   n0 * BITS / 8),
+                     _MM_HINT_T0);
+      }
+    }
+    __m512 acc[MR][2];
+    #pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      acc[r][0] = _mm512_loadu_ps(buf + r * width + off);
+      acc[r][1] = _mm512_loadu_ps(buf + r * width + off + 16);
+    }
+    #pragma GCC unroll 8
+    for (int u = 0; u < U; ++u) {
+      __m512 w0, w1;
+      WidenSplit512<BITS, SIGNED>(p.w + (k + u) * p.row_bytes, n0, w0, w1);
+      #pragma GCC unroll 8
+      for (int r = 0; r < MR; ++r) {
+        acc[r][0] = _mm512_fmadd_ps(xv[u][r], w0, acc[r][0]);
+        acc[r][1] = _mm512_fmadd_ps(xv[u][r], w1, acc[r][1]);
+      }
+    }
+    #pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      _mm512_storeu_ps(buf + r * width + off, acc[r][0]);
+      _mm512_storeu_ps(buf + r * width + off + 16, acc[r][1]);
+    }
+  }
+}
+
+// `FoldGroup` over super tiles of 32 columns: tiles [t0, t1), an even count of them
 template <int MR, int BITS, bool SIGNED>
+JQ_AVX512 void FoldGroup512(const WqProblem& p, int64_t g, int64_t t0, int64_t t1, float* buf,
+                            int64_t width) {
+  const int64_t nb = t0 * kTile, count = (t1 - t0) / 2;
+  // (even, odd) sums back to column order: lanes 0..15 and 16..31 of the interleave
+  const __m512i lo_idx = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+  const __m512i hi_idx =
+    _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+  const __m512 offset = _mm512_set1_ps((BITS == 4 && SIGNED) ? 8.f : 0.f);
+  for (int64_t s = 0; s < count; ++s) {
+    const int64_t n0 = nb + s * kWide, off = s * kWide;
+    __m512 z0 = offset, z1 = offset;
+    if (p.zero) {
+      z0 = _mm512_add_ps(z0, _mm512_loadu_ps(p.zero + g * p.n + n0));
+      z1 = _mm512_add_ps(z1, _mm512_loadu_ps(p.zero + g * p.n + n0 + 16));
+    }
+    const __m512 s0 = _mm512_loadu_ps(p.scale + g * p.n + n0);
+    const __m512 s1 = _mm512_loadu_ps(p.scale + g * p.n + n0 + 16);
+    #pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      float* sums = buf + r * width + off;
+      __m512 a0 = _mm512_loadu_ps(sums), a1 = _mm512_loadu_ps(sums + 16);
+      if constexpr (BITS == 4) {
+        const __m512 even = a0, odd = a1;
+        a0 = _mm512_permutex2var_ps(even, lo_idx, odd);
+        a1 = _mm512_permutex2var_ps(even, hi_idx, odd);
+      }
+      const __m512 xs = _mm512_set1_ps(p.xsum[r * p.groups + g]);
+      float* y = p.y + r * p.n + n0;
+      const __m512 d0 = _mm512_fnmadd_ps(z0, xs, a0), d1 = _mm512_fnmadd_ps(z1, xs, a1);
+      _mm512_storeu_ps(y, _mm512_fmadd_ps(s0, d0, _mm512_loadu_ps(y)));
+      _mm512_storeu_ps(y + 16, _mm512_fmadd_ps(s1, d1, _mm512_loadu_ps(y + 16)));
+      _mm512_storeu_ps(sums, _mm512_setzero_ps());
+      _mm512_storeu_ps(sums + 16, _mm512_setzero_ps());
+    }
+  }
+}
+
+// Tiles [t0, t1) of MR rows, group by group; WIDE: in zmm (AVX-512, an even count of tiles)
+template <int MR, int BITS, bool SIGNED, bool WIDE>
 void FoldPath(const WqProblem& p, int64_t t0, int64_t t1) {
   const int64_t width = (t1 - t0) * kTile;
   std::vector<float> buf(MR * width, 0.f);
   constexpr int U = 4;
+  auto stream = [&](auto rows, int64_t k) {
+    constexpr int R = decltype(rows)::value;
+    if constexpr (WIDE) {
+      StreamRows512<MR, R, BITS, SIGNED>(p, k, t0, t1, buf.data(), width);
+    } else {
+      StreamRows<MR, R, BITS, SIGNED>(p, k, t0, t1, buf.data(), width);
+    }
+  };
   for (int64_t g = 0; g < p.groups; ++g) {
     const int64_t k1 = (g + 1) * p.group;
     int64_t k = g * p.group;
-    for (; k + U <= k1; k += U) StreamRows<MR, U, BITS, SIGNED>(p, k, t0, t1, buf.data(), width);
-    for (; k < k1; ++k) StreamRows<MR, 1, BITS, SIGNED>(p, k, t0, t1, buf.data(), width);
-    FoldGroup<MR, BITS, SIGNED>(p, g, t0, t1, buf.data(), width);
+    for (; k + U <= k1; k += U) stream(std::integral_constant<int, U>{}, k);
+    for (; k < k1; ++k) stream(std::integral_constant<int, 1>{}, k);
+    if constexpr (WIDE) {
+      FoldGroup512<MR, BITS, SIGNED>(p, g, t0, t1, buf.data(), width);
+    } else {
+      FoldGroup<MR, BITS, SIGNED>(p, g, t0, t1, buf.data(), width);
+    }
+  }
+}
+
+template <int BITS, bool SIGNED, bool WIDE>
+void FewRows(const WqProblem& p, int64_t t0, int64_t t1) {
+  switch (p.m) {
+    case 4: FoldPath<4, BITS, SIGNED, WIDE>(p, t0, t1); break;
+    case 3: FoldPath<3, BITS, SIGNED, WIDE>(p, t0, t1); break;
+    case 2: FoldPath<2, BITS, SIGNED, WIDE>(p, t0, t1); break;
+    default: FoldPath<1, BITS, SIGNED, WIDE>(p, t0, t1); break;
   }
 }
 
@@ -366,12 +509,7 @@ __attribute__((target("avx2,fma"))) void PanelTile(const WqProblem& p, int64_t r
 template <int BITS, bool SIGNED>
 void WqTilesAvx2(const WqProblem& p, int64_t t0, int64_t t1) {
   if (p.m <= kFewRows) {
-    switch (p.m) {
-      case 4: FoldPath<4, BITS, SIGNED>(p, t0, t1); break;
-      case 3: FoldPath<3, BITS, SIGNED>(p, t0, t1); break;
-      case 2: FoldPath<2, BITS, SIGNED>(p, t0, t1); break;
-      default: FoldPath<1, BITS, SIGNED>(p, t0, t1); break;
-    }
+    FewRows<BITS, SIGNED, false>(p, t0, t1);
     return;
   }
   // GEMM blocking, per block of kPanelTiles tiles and kRowBlock activation rows (whose outputs
@@ -406,151 +544,6 @@ void WqTilesAvx2(const WqProblem& p, int64_t t0, int64_t t1) {
   }
 }
 
-// ---- AVX-512 fold path: super tiles of 32 columns (two tiles), one zmm per 16 sums.
-#define JQ_AVX512 __attribute__((target("avx512f,avx512bw,avx512vnni,avx2,fma")))
-constexpr int64_t kWide = 32;  // columns per AVX-512 fold tile
-
-// 32 codes of row k from column n0: int8 as (n0..n0+15, n0+16..n0+31); 4-bit as (even
-// columns, odd columns) of n0..n0+31, signed ones offset by +8 as in `Widen`.
-template <int BITS, bool SIGNED>
-JQ_AVX512 inline void WidenSplit512(const uint8_t* row, int64_t n0, __m512& a, __m512& b) {
-  if constexpr (BITS == 8) {
-    const __m128i v0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + n0));
-    const __m128i v1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + n0 + 16));
-    if constexpr (SIGNED) {
-      a = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(v0));
-      b = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(v1));
-    } else {
-      a = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(v0));
-      b = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(v1));
-    }
-  } else {
-    const __m512i v =
-      _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + n0 / 2)));
-    __m512i even = _mm512_and_si512(v, _mm512_set1_epi32(0xF));
-    __m512i odd = _mm512_srli_epi32(v, 4);
-    if constexpr (SIGNED) {
-      even = _mm512_xor_si512(even, _mm512_set1_epi32(8));
-      odd = _mm512_xor_si512(odd, _mm512_set1_epi32(8));
-    }
-    a = _mm512_cvtepi32_ps(even);
-    b = _mm512_cvtepi32_ps(odd);
-  }
-}
-
-// buf[r][super tile] += Σ_{u<U} x[r, k + u] · codes[k + u, super tile], super tiles of
-// columns [nb + 32 s, nb + 32 (s + 1)) for s in [0, count)
-template <int MR, int U, int BITS, bool SIGNED>
-JQ_AVX512 void StreamRows512(const WqProblem& p, int64_t k, int64_t nb, int64_t count,
-                             float* buf, int64_t width) {
-  __m512 xv[U][MR];
-  #pragma GCC unroll 8
-  for (int u = 0; u < U; ++u) {
-    #pragma GCC unroll 8
-    for (int r = 0; r < MR; ++r) xv[u][r] = _mm512_set1_ps(p.x[r * p.k + k + u]);
-  }
-  const int64_t tile_bytes = BITS == 8 ? kWide : kWide / 2;
-  const int64_t every = 64 / tile_bytes;  // super tiles per cache line
-  const bool ahead = k + 2 * U <= p.k;
-  for (int64_t s = 0; s < count; ++s) {
-    const int64_t n0 = nb + s * kWide, off = s * kWide;
-    if (ahead && s % every == 0) {
-      #pragma GCC unroll 8
-      for (int u = 0; u < U; ++u) {
-        _mm_prefetch(reinterpret_cast<const char*>(p.w + (k + U + u) * p.row_bytes +
-                                                   n0 * BITS / 8),
-                     _MM_HINT_T0);
-      }
-    }
-    __m512 acc[MR][2];
-    #pragma GCC unroll 8
-    for (int r = 0; r < MR; ++r) {
-      acc[r][0] = _mm512_loadu_ps(buf + r * width + off);
-      acc[r][1] = _mm512_loadu_ps(buf + r * width + off + 16);
-    }
-    #pragma GCC unroll 8
-    for (int u = 0; u < U; ++u) {
-      __m512 w0, w1;
-      WidenSplit512<BITS, SIGNED>(p.w + (k + u) * p.row_bytes, n0, w0, w1);
-      #pragma GCC unroll 8
-      for (int r = 0; r < MR; ++r) {
-        acc[r][0] = _mm512_fmadd_ps(xv[u][r], w0, acc[r][0]);
-        acc[r][1] = _mm512_fmadd_ps(xv[u][r], w1, acc[r][1]);
-      }
-    }
-    #pragma GCC unroll 8
-    for (int r = 0; r < MR; ++r) {
-      _mm512_storeu_ps(buf + r * width + off, acc[r][0]);
-      _mm512_storeu_ps(buf + r * width + off + 16, acc[r][1]);
-    }
-  }
-}
-
-// y[r, super tile] += s · (buf − z' · Σx) for group g; buf back to zero
-template <int MR, int BITS, bool SIGNED>
-JQ_AVX512 void FoldGroup512(const WqProblem& p, int64_t g, int64_t nb, int64_t count, float* buf,
-                            int64_t width) {
-  // (even, odd) sums back to column order: lanes 0..15 and 16..31 of the interleave
-  const __m512i lo_idx = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
-  const __m512i hi_idx =
-    _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
-  const __m512 offset = _mm512_set1_ps((BITS == 4 && SIGNED) ? 8.f : 0.f);
-  for (int64_t s = 0; s < count; ++s) {
-    const int64_t n0 = nb + s * kWide, off = s * kWide;
-    __m512 z0 = offset, z1 = offset;
-    if (p.zero) {
-      z0 = _mm512_add_ps(z0, _mm512_loadu_ps(p.zero + g * p.n + n0));
-      z1 = _mm512_add_ps(z1, _mm512_loadu_ps(p.zero + g * p.n + n0 + 16));
-    }
-    const __m512 s0 = _mm512_loadu_ps(p.scale + g * p.n + n0);
-    const __m512 s1 = _mm512_loadu_ps(p.scale + g * p.n + n0 + 16);
-    #pragma GCC unroll 8
-    for (int r = 0; r < MR; ++r) {
-      float* sums = buf + r * width + off;
-      __m512 a0 = _mm512_loadu_ps(sums), a1 = _mm512_loadu_ps(sums + 16);
-      if constexpr (BITS == 4) {
-        const __m512 even = a0, odd = a1;
-        a0 = _mm512_permutex2var_ps(even, lo_idx, odd);
-        a1 = _mm512_permutex2var_ps(even, hi_idx, odd);
-      }
-      const __m512 xs = _mm512_set1_ps(p.xsum[r * p.groups + g]);
-      float* y = p.y + r * p.n + n0;
-      const __m512 d0 = _mm512_fnmadd_ps(z0, xs, a0), d1 = _mm512_fnmadd_ps(z1, xs, a1);
-      _mm512_storeu_ps(y, _mm512_fmadd_ps(s0, d0, _mm512_loadu_ps(y)));
-      _mm512_storeu_ps(y + 16, _mm512_fmadd_ps(s1, d1, _mm512_loadu_ps(y + 16)));
-      _mm512_storeu_ps(sums, _mm512_setzero_ps());
-      _mm512_storeu_ps(sums + 16, _mm512_setzero_ps());
-    }
-  }
-}
-
-// columns [nb, nb + 32 count) of every row (MR rows), by groups
-template <int MR, int BITS, bool SIGNED>
-void FoldPath512(const WqProblem& p, int64_t nb, int64_t count) {
-  const int64_t width = count * kWide;
-  std::vector<float> buf(MR * width, 0.f);
-  constexpr int U = 4;
-  for (int64_t g = 0; g < p.groups; ++g) {
-    const int64_t k1 = (g + 1) * p.group;
-    int64_t k = g * p.group;
-    for (; k + U <= k1; k += U) {
-      StreamRows512<MR, U, BITS, SIGNED>(p, k, nb, count, buf.data(), width);
-    }
-    for (; k < k1; ++k) StreamRows512<MR, 1, BITS, SIGNED>(p, k, nb, count, buf.data(), width);
-    FoldGroup512<MR, BITS, SIGNED>(p, g, nb, count, buf.data(), width);
-  }
-}
-
-template <int BITS, bool SIGNED>
-void FewRows512(const WqProblem& p, int64_t nb, int64_t count) {
-  switch (p.m) {
-    case 4: FoldPath512<4, BITS, SIGNED>(p, nb, count); break;
-    case 3: FoldPath512<3, BITS, SIGNED>(p, nb, count); break;
-    case 2: FoldPath512<2, BITS, SIGNED>(p, nb, count); break;
-    default: FoldPath512<1, BITS, SIGNED>(p, nb, count); break;
-  }
-}
-
 #endif
 
 bool HasAvx2() { return Isa() >= 1; }
@@ -563,15 +556,13 @@ void WqTiles(const WqProblem& p, int64_t t0, int64_t t1) {
       std::fill(p.y + r * p.n + t0 * kTile, p.y + r * p.n + t1 * kTile, 0.f);
     }
     if (p.m <= kFewRows && HasAvx512()) {  // pairs of tiles in zmm, an odd last one in ymm
-      const int64_t count = (t1 - t0) / 2;
+      const int64_t even = t0 + (t1 - t0) / 2 * 2;
       if (p.bits == 8) {
-        p.is_signed ? FewRows512<8, true>(p, t0 * kTile, count)
-                    : FewRows512<8, false>(p, t0 * kTile, count);
+        p.is_signed ? FewRows<8, true, true>(p, t0, even) : FewRows<8, false, true>(p, t0, even);
       } else {
-        p.is_signed ? FewRows512<4, true>(p, t0 * kTile, count)
-                    : FewRows512<4, false>(p, t0 * kTile, count);
+        p.is_signed ? FewRows<4, true, true>(p, t0, even) : FewRows<4, false, true>(p, t0, even);
       }
-      t0 += 2 * count;
+      t0 = even;
       if (t0 == t1) return;
     }
     if (p.bits == 8) {
@@ -812,8 +803,13 @@ ffi::Error Int8Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> a, ffi::Buffer<
   p.sa = sa.typed_data();
   p.sw = sw.typed_data();
   p.y = y->typed_data();
-  std::vector<int32_t> pairs(p.m * p.half);
-  for (int64_t r = 0; r < p.m; ++r) {
+  const bool vnni = HasAvx512();
+  // VNNI tiles of 64 columns first, then tiles of 16 (AVX2), then single columns
+  const int64_t wide = vnni ? p.n / kVnniWide : 0;
+  const int64_t tiles = p.n / kTile, first_tile = wide * kVnniWide / kTile;
+  // int16 pairs of activations: only for AVX2 tiles, i.e. the columns VNNI tiles leave
+  std::vector<int32_t> pairs(HasAvx2() && first_tile < tiles ? p.m * p.half : 0);
+  for (int64_t r = 0; r < p.m && !pairs.empty(); ++r) {
     for (int64_t j = 0; j < p.half; ++j) {
       const int64_t k = 2 * j;
       const uint16_t even = static_cast<uint16_t>(static_cast<int16_t>(p.a[r * p.k + k]));
@@ -823,7 +819,6 @@ ffi::Error Int8Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> a, ffi::Buffer<
     }
   }
   p.pairs = pairs.data();
-  const bool vnni = HasAvx512();
   p.quarter = (p.k + 3) / 4;
   std::vector<int32_t> quads(vnni ? p.m * p.quarter : 0, 0), asum(vnni ? p.m : 0, 0);
   if (vnni) {
@@ -837,9 +832,6 @@ ffi::Error Int8Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> a, ffi::Buffer<
   p.asum = asum.data();
   std::vector<int32_t> acc(HasAvx2() ? p.m * p.n : 0, 0);
   p.acc = acc.data();
-  // VNNI tiles of 64 columns first, then tiles of 16 (AVX2), then single columns
-  const int64_t wide = vnni ? p.n / kVnniWide : 0;
-  const int64_t tiles = p.n / kTile, first_tile = wide * kVnniWide / kTile;
   const int64_t units = wide + (tiles - first_tile);
   const int64_t chunks = p.m <= 4 ? 1 : ChunksFor(units, pool.num_threads() + 1);  // as above
   ParallelFor(pool, chunks, [&](int64_t c) {
